@@ -1,0 +1,331 @@
+"""Load and validate params.yaml into typed objects.
+
+Every section is a pydantic model that forbids unknown keys, so a typo such as `learnig_rate` fails at once
+with a message naming the key instead of silently using a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_PARAMS_FILE = Path("params.yaml")
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or holds a wrong key or value."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _ordered_pair(pair: tuple[float, float], name: str) -> tuple[float, float]:
+    if pair[0] > pair[1]:
+        raise ValueError(f"{name} must be [low, high] with low <= high, got {list(pair)}")
+    return pair
+
+
+# --- data -------------------------------------------------------------------------------------------------
+
+
+class PerSplitCounts(Section):
+    train: NonNegativeInt
+    valid: NonNegativeInt
+    test: NonNegativeInt
+
+
+class SyntheticParams(Section):
+    seed: int
+    normal: PerSplitCounts
+    cancer: PerSplitCounts
+    min_size: Annotated[int, Field(ge=32, le=4096)]
+    max_size: Annotated[int, Field(ge=32, le=4096)]
+    duplicates: NonNegativeInt
+
+    @model_validator(mode="after")
+    def _sizes_ordered(self) -> SyntheticParams:
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})")
+        return self
+
+
+class DataParams(Section):
+    source: Literal["kaggle", "local", "synthetic"]
+    kaggle_dataset: str
+    local_path: str | None
+    synthetic: SyntheticParams
+
+
+# --- split ------------------------------------------------------------------------------------------------
+
+
+class SplitFractions(Section):
+    train: Annotated[float, Field(gt=0.0, lt=1.0)]
+    valid: Annotated[float, Field(gt=0.0, lt=1.0)]
+    test: Annotated[float, Field(gt=0.0, lt=1.0)]
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitFractions:
+        total = self.train + self.valid + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + valid + test must sum to 1, got {total:g}")
+        return self
+
+
+class SplitParams(Section):
+    dedup: Literal["keep", "drop_leaks", "regroup"]
+    near_duplicate_distance: Annotated[int, Field(ge=0, le=32)]
+    fractions: SplitFractions
+    on_unreadable: Literal["fail", "skip"]
+
+
+# --- preprocess -------------------------------------------------------------------------------------------
+
+
+class ClaheParams(Section):
+    enabled: bool
+    clip_limit: Annotated[float, Field(gt=0.0, le=100.0)]
+    tile_grid: Annotated[int, Field(ge=1, le=64)]
+
+
+class WindowParams(Section):
+    enabled: bool
+    center: Annotated[float, Field(ge=0.0, le=255.0)]
+    width: Annotated[float, Field(gt=0.0, le=512.0)]
+
+
+class PreprocessParams(Section):
+    image_size: Annotated[int, Field(ge=16, le=2048)]
+    resize_mode: Literal["pad", "stretch"]
+    clahe: ClaheParams
+    window: WindowParams
+    workers: Annotated[int, Field(ge=1, le=256)]
+
+
+# --- model ------------------------------------------------------------------------------------------------
+
+
+class AttentionParams(Section):
+    ratio: Annotated[int, Field(ge=1, le=256)]
+    kernel_size: Annotated[int, Field(ge=1, le=15)]
+
+
+class HeadParams(Section):
+    units: Annotated[list[PositiveInt], Field(min_length=1)]
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)]
+    l2: Annotated[float, Field(ge=0.0)]
+    batchnorm_momentum: Annotated[float, Field(gt=0.0, lt=1.0)]
+    input_noise_stddev: Annotated[float, Field(ge=0.0)]
+
+
+UnfreezeAmount = Annotated[float, Field(gt=0.0)]
+
+
+class UnfreezeParams(Section):
+    densenet121: UnfreezeAmount
+    resnet50: UnfreezeAmount
+    efficientnetb0: UnfreezeAmount
+    mobilenetv3small: UnfreezeAmount
+
+
+class ModelParams(Section):
+    backbone: Literal["densenet121", "resnet50", "efficientnetb0", "mobilenetv3small"]
+    weights: str | None
+    attention: AttentionParams
+    head: HeadParams
+    unfreeze: UnfreezeParams
+
+
+# --- augment ----------------------------------------------------------------------------------------------
+
+
+class RotationParams(Section):
+    probability: Probability
+    degrees: Annotated[float, Field(ge=0.0, le=180.0)]
+
+
+class FractionAugParams(Section):
+    probability: Probability
+    fraction: Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class ShearParams(Section):
+    probability: Probability
+    factor: Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class FlipParams(Section):
+    probability: Probability
+    mode: Literal["horizontal", "vertical", "horizontal_and_vertical"]
+
+
+class BrightnessParams(Section):
+    probability: Probability
+    delta: Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class FactorRangeParams(Section):
+    probability: Probability
+    range: tuple[Annotated[float, Field(ge=0.0)], Annotated[float, Field(ge=0.0)]]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FactorRangeParams:
+        _ordered_pair(self.range, "range")
+        return self
+
+
+class HuWindowParams(Section):
+    probability: Probability
+    center: tuple[Annotated[float, Field(ge=0.0, le=255.0)], Annotated[float, Field(ge=0.0, le=255.0)]]
+    width: tuple[Annotated[float, Field(gt=0.0, le=512.0)], Annotated[float, Field(gt=0.0, le=512.0)]]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> HuWindowParams:
+        _ordered_pair(self.center, "center")
+        _ordered_pair(self.width, "width")
+        return self
+
+
+class MixupParams(Section):
+    probability: Probability
+    alpha: Annotated[float, Field(gt=0.0)]
+
+
+class AugmentParams(Section):
+    rotation: RotationParams
+    shift: FractionAugParams
+    zoom: FractionAugParams
+    shear: ShearParams
+    flip: FlipParams
+    brightness: BrightnessParams
+    contrast: FactorRangeParams
+    sharpness: FactorRangeParams
+    hu_window: HuWindowParams
+    mixup: MixupParams
+
+
+# --- train ------------------------------------------------------------------------------------------------
+
+
+class LossParams(Section):
+    name: Literal["focal", "bce"]
+    gamma: Annotated[float, Field(ge=0.0)]
+    alpha: Annotated[float, Field(gt=0.0, lt=1.0)]
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=0.5)]
+
+
+class ReduceLrParams(Section):
+    factor: Annotated[float, Field(gt=0.0, lt=1.0)]
+    patience: NonNegativeInt
+    min_lr: Annotated[float, Field(ge=0.0)]
+
+
+class PhaseParams(Section):
+    epochs: PositiveInt
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class TrainParams(Section):
+    batch_size: Annotated[int, Field(ge=2)]
+    balanced_batches: bool
+    steps_per_epoch: PositiveInt
+    validation_batch_size: PositiveInt
+    precision: Literal["float32", "mixed_bfloat16", "mixed_float16", "auto"]
+    distribute: Literal["none", "mirrored"]
+    deterministic: bool
+    loss: LossParams
+    early_stopping_patience: NonNegativeInt
+    reduce_lr: ReduceLrParams
+    phase1: PhaseParams
+    phase2: PhaseParams
+
+
+# --- evaluate, export, serve ------------------------------------------------------------------------------
+
+
+class ThresholdParams(Section):
+    method: Literal["youden", "target_sensitivity", "fixed"]
+    sensitivity: Annotated[float, Field(gt=0.0, le=1.0)]
+    fixed: Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class EvaluateParams(Section):
+    threshold: ThresholdParams
+    bootstrap_resamples: Annotated[int, Field(ge=100)]
+    confidence_level: Annotated[float, Field(gt=0.5, lt=1.0)]
+    histogram_bins: Annotated[int, Field(ge=2, le=256)]
+    gradcam_images: NonNegativeInt
+
+
+class ExportParams(Section):
+    formats: Annotated[list[Literal["keras", "h5", "savedmodel", "tflite"]], Field(min_length=1)]
+    tflite_quantization: list[Literal["none", "dynamic"]]
+    float_tolerance: Annotated[float, Field(gt=0.0)]
+    quantized_tolerance: Annotated[float, Field(gt=0.0)]
+    min_decision_agreement: Probability
+    latency_runs: PositiveInt
+
+
+class DicomWindowParams(Section):
+    center: float
+    width: Annotated[float, Field(gt=0.0)]
+
+
+class ServeParams(Section):
+    max_upload_mb: Annotated[float, Field(gt=0.0)]
+    max_files: PositiveInt
+    max_pixels: PositiveInt
+    dicom_window: DicomWindowParams
+
+
+class Params(Section):
+    seed: int
+    data: DataParams
+    split: SplitParams
+    preprocess: PreprocessParams
+    model: ModelParams
+    augment: AugmentParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    export: ExportParams
+    serve: ServeParams
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key (check its spelling against params.yaml's documented keys)"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+    """Validate an already-parsed params mapping; raise ParamsError naming every bad key."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(error) for error in exc.errors()]
+        raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS_FILE) -> Params:
+    """Read and validate a params file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found (run from the project root, where params.yaml lives)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return parse_params(raw, str(path))

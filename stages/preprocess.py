@@ -1,0 +1,32 @@
+"""preprocess stage: decode -> grayscale -> CLAHE -> window -> resize every manifest image, cached as .npz."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from chestct.params import load_params
+from chestct.processed import preprocess_manifest, save_processed
+from stages.errors import run_stage
+
+DATA_FOLDER = Path("data/raw/Data")
+MANIFEST = Path("data/split/manifest.csv")
+PROCESSED = Path("data/processed")
+
+
+def main() -> None:
+    params = load_params()
+    manifest = pd.read_csv(MANIFEST, keep_default_na=False)
+    started = time.perf_counter()
+    arrays = preprocess_manifest(manifest, DATA_FOLDER, params.preprocess)
+    save_processed(PROCESSED, arrays)
+    seconds = time.perf_counter() - started
+    shapes = ", ".join(f"{split} {a['images'].shape[0]}" for split, a in arrays.items())
+    print(f"preprocess: {shapes} images at {params.preprocess.image_size} px in {seconds:.1f} s "
+          f"({len(manifest) / max(seconds, 1e-9):.0f} img/s) -> {PROCESSED}")
+
+
+if __name__ == "__main__":
+    run_stage("preprocess", main)

@@ -1,0 +1,63 @@
+"""Shared fixtures: the project root and validated default params."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def project_root() -> Path:
+    return PROJECT_ROOT
+
+
+@pytest.fixture(scope="session")
+def default_params():
+    from chestct.params import load_params
+
+    return load_params(PROJECT_ROOT / "params.yaml")
+
+
+def textured_image(seed: int, size: tuple[int, int] = (96, 128)):
+    """A distinct grayscale test image (smooth random blobs: perceptual hashes differ between seeds)."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, size=(6, 6)).astype(np.float32)
+    smooth = cv2.resize(coarse, (size[1], size[0]), interpolation=cv2.INTER_CUBIC)
+    return np.clip(smooth + rng.normal(0, 4, size), 0, 255).astype(np.uint8)
+
+
+def save_image(path: Path, gray, fmt: str = "PNG", mode: str = "L") -> Path:
+    """Save a grayscale array as `fmt` (PNG/JPEG) in Pillow `mode` (L, RGB, RGBA, P, I;16)."""
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "I;16":
+        image = Image.fromarray(gray.astype(np.uint16) * 257)
+    else:
+        image = Image.fromarray(gray).convert(mode)
+    image.save(path, format=fmt)
+    return path
+
+
+def make_kaggle_layout(root: Path, per_class: int = 3, seed: int = 0) -> Path:
+    """A small Data/ tree with the real folder names, distinct images; returns the Data folder."""
+    from chestct.labels import FOLDER_NAMES_BY_SPLIT, SPLITS
+
+    data = root / "Data"
+    counter = seed * 10_000
+    for split in SPLITS:
+        for folder in FOLDER_NAMES_BY_SPLIT[split].values():
+            for index in range(per_class):
+                counter += 1
+                save_image(data / split / folder / f"{index:06d}.png", textured_image(counter))
+    return data
