@@ -16,6 +16,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from chestct.errors import ChestctError
 from chestct.imaging import ImageDecodeError, open_image, to_grayscale
 from chestct.labels import SPLITS, label_of_subtype, subtype_of_folder
 
@@ -23,7 +24,7 @@ from chestct.labels import SPLITS, label_of_subtype, subtype_of_folder
 EXTENSIONS_BY_FORMAT = {"PNG": {".png"}, "JPEG": {".jpg", ".jpeg"}}
 
 
-class DatasetError(RuntimeError):
+class DatasetError(ChestctError, RuntimeError):
     """The raw layout or an image in it cannot be used; the message names it."""
 
 

@@ -17,13 +17,14 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from chestct.errors import ChestctError
 from chestct.params import PreprocessParams
 
 # Pillow refuses images above this many pixels unless told otherwise; we check explicitly instead.
 DEFAULT_MAX_PIXELS = 40_000_000
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(ChestctError, ValueError):
     """A file is not a readable image (empty, truncated, not an image, or too large)."""
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from chestct.augment import build_augmenter, mixup, seed_pair
+from chestct.errors import ChestctError
 from chestct.labels import CANCER, NORMAL
 from chestct.params import AugmentParams, TrainParams
 
@@ -33,7 +34,7 @@ ARRAY_KEYS = ("images", "labels", "subtypes", "ids")
 _NORMAL_SHUFFLE, _CANCER_SHUFFLE, _ALL_SHUFFLE, _BATCH_KEYS, _AUGMENT, _MIX = range(6)
 
 
-class SplitFileError(ValueError):
+class SplitFileError(ChestctError, ValueError):
     """A processed split file is missing or does not hold the expected arrays."""
 
 

@@ -6,6 +6,8 @@ from its name's prefix, so both spellings map to the same subtype.
 
 from __future__ import annotations
 
+from chestct.errors import ChestctError
+
 SPLITS = ("train", "valid", "test")
 
 NORMAL, CANCER = 0, 1
@@ -25,7 +27,7 @@ SHORT_FOLDER_NAMES = {subtype: subtype for subtype in SUBTYPES}
 FOLDER_NAMES_BY_SPLIT = {"train": LONG_FOLDER_NAMES, "valid": LONG_FOLDER_NAMES, "test": SHORT_FOLDER_NAMES}
 
 
-class UnknownClassFolderError(ValueError):
+class UnknownClassFolderError(ChestctError, ValueError):
     """A folder under a split does not name a known class."""
 
 

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from chestct.errors import ChestctError
+
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -19,7 +21,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 
 
-class ParamsError(ValueError):
+class ParamsError(ChestctError, ValueError):
     """params.yaml is missing, unreadable or holds a wrong key or value."""
 
 

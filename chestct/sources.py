@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from chestct.atomic_io import atomic_path
+from chestct.errors import ChestctError
 from chestct.labels import SPLITS, subtype_of_folder
 from chestct.params import DataParams
 
@@ -24,7 +25,7 @@ ALTERNATIVES = (
 )
 
 
-class SourceError(RuntimeError):
+class SourceError(ChestctError, RuntimeError):
     """The dataset cannot be acquired; the message says why and what to do."""
 
 

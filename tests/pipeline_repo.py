@@ -24,7 +24,7 @@ TINY_OVERRIDES = {
 def _merge(base: dict, overrides: dict) -> dict:
     merged = dict(base)
     for key, value in overrides.items():
-        merged[key] = _merge(base[key], value) if isinstance(value, dict) else value
+        merged[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
     return merged
 
 
