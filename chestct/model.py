@@ -32,13 +32,14 @@ from pathlib import Path
 import keras
 from keras import layers, ops
 
+from chestct.errors import ChestctError
 from chestct.params import HeadParams, ModelParams
 
 BACKBONE_NAME = "backbone"
 PREDICTION_NAME = "prediction"
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(ChestctError, RuntimeError):
     """ImageNet weights for the backbone are neither cached nor downloadable."""
 
 
@@ -101,7 +102,7 @@ def _weights_unavailable(backbone: str, error: Exception) -> WeightsUnavailableE
 def build_backbone(name: str, weights: str | None, image_size: int) -> keras.Model:
     """The keras.applications model without its top, named "backbone", on (S, S, 3) inputs."""
     if weights not in (None, "imagenet") and not Path(weights).is_file():
-        raise FileNotFoundError(
+        raise WeightsUnavailableError(
             f"model.weights: weights file {weights} not found (give an existing .h5/.keras weights file, "
             f"'imagenet', or null)"
         )
@@ -270,9 +271,23 @@ def layers_to_unfreeze(amount: float, layer_count: int, backbone: str = "backbon
     return min(int(amount), layer_count)
 
 
-def unfreeze_for_finetuning(model: keras.Model, params: ModelParams) -> int:
-    """Make the last N backbone layers trainable, keep its BatchNorm frozen; return the trainable layer count.
+def backbone_batchnorm_trains(params: ModelParams) -> bool:
+    """`auto`: BatchNorm statistics are kept when pretrained, learned when the backbone starts from scratch.
 
+    Random weights come with moving statistics of mean 0 and variance 1 that match nothing: frozen, they
+    shrink the activations layer by layer until the features vanish (about 1e-11 for MobileNetV3Small).
+    """
+    if params.backbone_batchnorm.mode == "auto":
+        return params.weights is None
+    return params.backbone_batchnorm.mode == "trainable"
+
+
+def unfreeze_for_finetuning(model: keras.Model, params: ModelParams) -> int:
+    """Make the last N backbone layers trainable; return the trainable layer count.
+
+    The backbone's BatchNorm layers stay frozen unless `model.backbone_batchnorm` says they train (by default
+    only when starting from random weights); trainable ones get `model.backbone_batchnorm.momentum`, since at
+    the default 0.99 their statistics barely move in a few dozen steps an epoch.
     Recompile the model afterwards: Keras reads `trainable` when it compiles.
     """
     backbone = backbone_of(model)
@@ -280,9 +295,12 @@ def unfreeze_for_finetuning(model: keras.Model, params: ModelParams) -> int:
     computing = backbone_layers(model)
     count = layers_to_unfreeze(getattr(params.unfreeze, params.backbone), len(computing), params.backbone)
     first_unfrozen = len(computing) - count
+    batchnorm_trains = backbone_batchnorm_trains(params)
     for index, layer in enumerate(computing):
-        # BatchNorm statistics from pretraining stay fixed: a few small batches would only spoil them.
-        layer.trainable = index >= first_unfrozen and not isinstance(layer, layers.BatchNormalization)
+        is_batchnorm = isinstance(layer, layers.BatchNormalization)
+        layer.trainable = index >= first_unfrozen and (batchnorm_trains or not is_batchnorm)
+        if is_batchnorm and layer.trainable:
+            layer.momentum = params.backbone_batchnorm.momentum
     return sum(layer.trainable for layer in computing)
 
 

@@ -138,12 +138,18 @@ class UnfreezeParams(Section):
     mobilenetv3small: UnfreezeAmount
 
 
+class BackboneBatchnormParams(Section):
+    mode: Literal["auto", "frozen", "trainable"]
+    momentum: Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
 class ModelParams(Section):
     backbone: Literal["densenet121", "resnet50", "efficientnetb0", "mobilenetv3small"]
     weights: str | None
     attention: AttentionParams
     head: HeadParams
     unfreeze: UnfreezeParams
+    backbone_batchnorm: BackboneBatchnormParams
 
 
 # --- augment ----------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from chestct.params import SyntheticParams
 __all__ = ["render_phantom", "generate_phantom_dataset"]
 
 MIN_RENDER_SIDE = 32
-LESION_DIAMETER = (0.04, 0.12)  # fraction of the shorter image side
+LESION_DIAMETER = (0.07, 0.16)  # fraction of the shorter image side: masses (>= 3 cm), visible at 64 px
 MAX_LESIONS_PER_IMAGE = 3
 ASPECT_RANGE = (0.6, 1.0)  # height / width, like the real scans (median about 296 x 419)
 WIDTH_LOG_SPREAD = 0.25  # standard deviation of log(width), as in the real scans

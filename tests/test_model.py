@@ -30,11 +30,17 @@ from chestct.params import ModelParams
 SIZE = 32
 
 
-def small_params(default_params, backbone: str, weights: str | None = None) -> ModelParams:
-    """params.yaml's model section with a given backbone, a one-layer head and no download."""
+def small_params(default_params, backbone: str, weights: str | None = None,
+                 batchnorm: str = "frozen") -> ModelParams:
+    """params.yaml's model section with a given backbone, a one-layer head and no download.
+
+    Backbone BatchNorm is `frozen` (the policy for pretrained weights) unless a test asks otherwise.
+    """
     model = default_params.model
     head = model.head.model_copy(update={"units": [8]})
-    return model.model_copy(update={"backbone": backbone, "weights": weights, "head": head})
+    backbone_batchnorm = model.backbone_batchnorm.model_copy(update={"mode": batchnorm})
+    return model.model_copy(update={"backbone": backbone, "weights": weights, "head": head,
+                                    "backbone_batchnorm": backbone_batchnorm})
 
 
 def uint8_batch(count: int = 4, seed: int = 0) -> np.ndarray:
@@ -194,6 +200,22 @@ def test_unfreeze_makes_the_last_layers_trainable_except_batchnorm(default_param
     assert backbone_of(model).trainable_weights, "unfrozen layers must contribute trainable weights"
 
 
+def test_from_scratch_batchnorm_trains_with_its_own_momentum(default_params):
+    """With weights null (mode auto) nothing pretrained needs protecting: unfrozen BatchNorm learns."""
+    params = small_params(default_params, "mobilenetv3small", batchnorm="auto")
+    unfreeze = params.unfreeze.model_copy(update={"mobilenetv3small": 1000})  # a count above the layer count
+    params = params.model_copy(update={"unfreeze": unfreeze})
+    model = build_model(params, SIZE)
+    computing = backbone_layers(model)
+    assert unfreeze_for_finetuning(model, params) == len(computing)
+    batchnorm = [layer for layer in computing if isinstance(layer, keras.layers.BatchNormalization)]
+    assert batchnorm and all(layer.trainable and layer.momentum == 0.9 for layer in batchnorm)
+    pretrained = params.model_copy(update={"weights": "imagenet"})
+    from chestct.model import backbone_batchnorm_trains
+
+    assert backbone_batchnorm_trains(params) and not backbone_batchnorm_trains(pretrained)
+
+
 def test_backbone_batchnorm_statistics_stay_fixed_in_both_phases(mobilenet_params):
     model = build_model(mobilenet_params, SIZE)
     backbone = backbone_of(model)
@@ -259,7 +281,7 @@ def test_missing_imagenet_weights_name_the_file_and_the_ways_out(default_params,
 
 def test_a_missing_local_weights_file_is_named(default_params, tmp_path):
     missing = tmp_path / "nowhere" / "backbone.weights.h5"
-    with pytest.raises(FileNotFoundError, match="model.weights") as caught:
+    with pytest.raises(WeightsUnavailableError, match="model.weights") as caught:
         build_model(small_params(default_params, "mobilenetv3small", weights=str(missing)), SIZE)
     assert str(missing) in str(caught.value)
 
