@@ -1,0 +1,46 @@
+"""Training-phase pieces: the exact validation AUC callback, precision choice, single-class validation."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from chestct.input_pipeline import SplitArrays, validation_dataset
+from chestct.losses import BinaryFocalLoss
+from chestct.training import TrainingError, ValidationAUC, _check_validation, resolve_precision
+
+
+def _arrays(labels):
+    rng = np.random.default_rng(0)
+    labels = np.asarray(labels)
+    images = rng.integers(0, 256, (len(labels), 8, 8, 1), dtype=np.uint8)
+    images[labels == 1, :4] = 255  # a learnable difference, so predictions vary with the label
+    return SplitArrays(images=images, labels=labels, subtypes=np.array(["x"] * len(labels)),
+                       ids=np.array([f"{i}" for i in range(len(labels))]))
+
+
+def test_validation_auc_is_the_exact_auc_over_the_whole_set():
+    arrays = _arrays([0, 1] * 10 + [1] * 5)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+    callback = ValidationAUC(validation_dataset(arrays, batch_size=4), arrays.labels, BinaryFocalLoss())
+    callback.set_model(model)
+    logs = {"loss": 1.0}
+    callback.on_epoch_end(0, logs)
+    scores = model.predict(arrays.images.astype("float32"), verbose=0).ravel()
+    assert logs["val_auc"] == pytest.approx(roc_auc_score(arrays.labels, scores), abs=1e-9)
+    assert np.isfinite(logs["val_loss"]) and logs["learning_rate"] == pytest.approx(1e-3)
+
+
+def test_single_class_validation_is_refused():
+    with pytest.raises(TrainingError, match="only one class"):
+        _check_validation(_arrays([1, 1, 1]))
+
+
+def test_precision_choice():
+    assert resolve_precision("float32") == "float32"
+    assert resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
+    assert resolve_precision("auto") in {"float32", "mixed_bfloat16", "mixed_float16"}
