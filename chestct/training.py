@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn.metrics import roc_auc_score
 
-from chestct.atomic_io import atomic_path
+from chestct.atomic_io import atomic_path, write_json
 from chestct.errors import ChestctError
 from chestct.input_pipeline import SplitArrays, training_dataset, validation_dataset
 from chestct.losses import make_loss
@@ -197,3 +197,29 @@ def load_trained_model(path: Path) -> keras.Model:
 
 def count_trainable_parameters(model: keras.Model) -> int:
     return int(sum(np.prod(weight.shape) for weight in model.trainable_weights))
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    train: SplitArrays
+    valid: SplitArrays
+    strategy: tf.distribute.Strategy
+    precision: str
+
+
+def prepare_training(params: Params, processed_dir: Path) -> TrainingSetup:
+    """What both phases do first: seeds, precision policy, the cached arrays and the distribution strategy."""
+    from chestct.input_pipeline import load_split
+
+    configure_determinism(params.seed, params.train.deterministic)
+    precision = configure_precision(params.train.precision)
+    train = load_split(processed_dir / "train.npz")
+    valid = load_split(processed_dir / "valid.npz")
+    return TrainingSetup(train, valid, make_strategy(params.train.distribute), precision)
+
+
+def save_phase_metrics(path: Path, result: PhaseResult, model: keras.Model, **extra: int) -> None:
+    """metrics/train_phase*.json: only deterministic figures, so reruns compare equal (no wall times)."""
+    write_json(path, {"best_val_auc": result.best_val_auc, "best_epoch": result.best_epoch,
+                      "epochs_run": result.epochs_run, "trainable_parameters": count_trainable_parameters(model),
+                      **extra})

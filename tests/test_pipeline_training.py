@@ -1,0 +1,71 @@
+"""End to end: `dvc repro train_phase2` on tiny phantoms (64 px, MobileNetV3Small from random weights).
+
+This checks that both phases run as DVC stages and write what later stages read. How well a tiny model
+learns the phantoms (the issue's AUC >= 0.9 target) is still being tuned; this test asserts only that
+training produced a usable model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.pipeline_repo import make_pipeline_repo, run
+
+pytestmark = pytest.mark.e2e
+
+TINY_TRAINING = {
+    "preprocess": {"image_size": 64},
+    "model": {"backbone": "mobilenetv3small", "weights": None, "unfreeze": {"mobilenetv3small": 1000},
+              "head": {"units": [32], "dropout": 0.3, "l2": 0.0001, "batchnorm_momentum": 0.9,
+                       "input_noise_stddev": 0.0}},
+    "train": {"steps_per_epoch": 4, "phase1": {"epochs": 1, "learning_rate": 1e-3},
+              "phase2": {"epochs": 2, "learning_rate": 1e-3}},
+}
+
+
+@pytest.fixture(scope="module")
+def trained_repo(tmp_path_factory):
+    repo = make_pipeline_repo(tmp_path_factory.mktemp("train") / "project", TINY_TRAINING)
+    result = run(["dvc", "repro", "train_phase2"], repo)
+    return repo, result.stdout
+
+
+def test_both_phases_write_models_metrics_and_curves(trained_repo):
+    repo, stdout = trained_repo
+    assert "phase1 epoch 1/1" in stdout and "phase2 epoch 2/2" in stdout and "ETA" in stdout
+    for phase in ("phase1", "phase2"):
+        assert (repo / f"models/{phase}.keras").stat().st_size > 100_000
+        metrics = json.loads((repo / f"metrics/train_{phase}.json").read_text())
+        assert 0.0 <= metrics["best_val_auc"] <= 1.0 and metrics["epochs_run"] >= 1
+        curves = repo / f"live/{phase}/plots/metrics"
+        logged = {p.relative_to(curves).as_posix() for p in curves.rglob("*.tsv")}
+        # dvclive files val_* metrics under eval/ and the others under train/
+        assert logged >= {"train/loss.tsv", "train/learning_rate.tsv", "eval/auc.tsv", "eval/loss.tsv"}
+    phase2 = json.loads((repo / "metrics/train_phase2.json").read_text())
+    assert phase2["unfrozen_backbone_layers"] == 156
+
+
+def test_phase2_model_reloads_and_takes_the_cached_array(trained_repo):
+    repo, _ = trained_repo
+    import keras
+
+    from chestct.training import load_trained_model
+
+    model = load_trained_model(repo / "models/phase2.keras")
+    with np.load(repo / "data/processed/valid.npz") as arrays:
+        images = arrays["images"]
+    assert model.input.dtype == "uint8" and tuple(model.input.shape[1:]) == images.shape[1:]
+    first = keras.ops.convert_to_numpy(model(images, training=False))
+    again = keras.ops.convert_to_numpy(model(images, training=False))
+    assert first.shape == (len(images), 1) and np.isfinite(first).all()
+    np.testing.assert_array_equal(first, again)
+    assert model.get_layer("channel_attention").trainable_weights
+
+
+def test_nothing_changed_nothing_retrains(trained_repo):
+    repo, _ = trained_repo
+    again = run(["dvc", "repro", "train_phase2"], repo)
+    assert "Running stage" not in again.stdout
