@@ -21,7 +21,7 @@ from sklearn.metrics import roc_auc_score
 
 from chestct.atomic_io import atomic_path, write_json
 from chestct.errors import ChestctError
-from chestct.input_pipeline import SplitArrays, training_dataset, validation_dataset
+from chestct.input_pipeline import SplitArrays, load_split, training_dataset, validation_dataset
 from chestct.losses import make_loss
 from chestct.params import Params, PhaseParams
 
@@ -209,8 +209,6 @@ class TrainingSetup:
 
 def prepare_training(params: Params, processed_dir: Path) -> TrainingSetup:
     """What both phases do first: seeds, precision policy, the cached arrays and the distribution strategy."""
-    from chestct.input_pipeline import load_split
-
     configure_determinism(params.seed, params.train.deterministic)
     precision = configure_precision(params.train.precision)
     train = load_split(processed_dir / "train.npz")
