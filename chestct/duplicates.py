@@ -25,9 +25,8 @@ def near_groups(phashes: pd.Series, max_distance: int) -> np.ndarray:
     """Group number per image: connected components of 'perceptual hashes differ in <= max_distance bits'."""
     if len(phashes) == 0:
         return np.zeros(0, dtype=int)
-    bits = phash_bits(phashes).astype(np.uint8)
     # Hamming distance of every pair from two matrix products (exact integers, fast for thousands of images).
-    ones = bits.astype(np.int32)
+    ones = phash_bits(phashes).astype(np.int32)
     distance = ones @ (1 - ones).T + (1 - ones) @ ones.T
     adjacency = csr_matrix(distance <= max_distance)
     _, labels = connected_components(adjacency, directed=False)

@@ -156,12 +156,9 @@ def train_phase(model: keras.Model, loss: keras.losses.Loss, train: SplitArrays,
     valid_ds = validation_dataset(valid, settings.validation_batch_size)
     checkpoint_dir = Path(tempfile.mkdtemp(prefix=f"chestct-{phase_name}-"))
     checkpoint = checkpoint_dir / model_path.name
-    history_aucs: list[float] = []
-    record = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: history_aucs.append(logs[MONITOR]))
     live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
     callbacks = [
         ValidationAUC(valid_ds, valid.labels, loss),  # first: the others read what it logs
-        record,
         keras.callbacks.ModelCheckpoint(checkpoint, monitor=MONITOR, mode="max", save_best_only=True),
         keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=settings.early_stopping_patience,
                                       restore_best_weights=True),
@@ -172,16 +169,17 @@ def train_phase(model: keras.Model, loss: keras.losses.Loss, train: SplitArrays,
     ]
     started = time.perf_counter()
     try:
-        model.fit(train_ds, epochs=phase.epochs, steps_per_epoch=settings.steps_per_epoch,
-                  callbacks=callbacks, verbose=0)
+        history = model.fit(train_ds, epochs=phase.epochs, steps_per_epoch=settings.steps_per_epoch,
+                            callbacks=callbacks, verbose=0)
         if not checkpoint.exists():
             raise TrainingError(f"{phase_name}: no epoch produced a checkpoint (validation AUC was never finite)")
         with atomic_path(model_path) as temp:
             shutil.copyfile(checkpoint, temp)
     finally:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    best_epoch = int(np.nanargmax(history_aucs))
-    return PhaseResult(float(history_aucs[best_epoch]), best_epoch + 1, len(history_aucs),
+    aucs = history.history[MONITOR]  # Keras' History runs last, so it sees what ValidationAUC logged
+    best_epoch = int(np.nanargmax(aucs))
+    return PhaseResult(float(aucs[best_epoch]), best_epoch + 1, len(aucs),
                        time.perf_counter() - started)
 
 
