@@ -38,6 +38,10 @@ class SplitFileError(ChestctError, ValueError):
     """A processed split file is missing or does not hold the expected arrays."""
 
 
+class TrainingDataError(ChestctError, ValueError):
+    """The training split cannot fill the batches the params ask for."""
+
+
 @dataclass(frozen=True)
 class SplitArrays:
     """One processed split: uint8 images (N, S, S, 1), int labels (N,), str subtypes (N,) and ids (N,)."""
@@ -126,16 +130,18 @@ def _plain_batches(arrays: SplitArrays, batch_size: int, seed: int) -> tf.data.D
 
 def _check_trainable(arrays: SplitArrays, train_params: TrainParams) -> None:
     if len(arrays) == 0:
-        raise ValueError("the training split is empty; check the split stage's output")
+        raise TrainingDataError("the training split is empty; check the split stage's output")
     if not train_params.balanced_batches:
         return
     if train_params.batch_size % 2:
-        raise ValueError(
+        raise TrainingDataError(
             f"train.batch_size must be even when train.balanced_batches is true, got {train_params.batch_size}"
         )
     for label, name in ((NORMAL, "Normal"), (CANCER, "Cancer")):
         if not np.any(arrays.labels == label):
-            raise ValueError(f"train.balanced_batches needs both classes, but the training split has no {name} image")
+            raise TrainingDataError(
+                f"train.balanced_batches needs both classes, but the training split has no {name} image"
+            )
 
 
 def training_dataset(
