@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure  # the object API: no pyplot, no display backend, no global state
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from chestct.atomic_io import atomic_path  # noqa: E402
-from chestct.dataset import UnreadableImage  # noqa: E402
-from chestct.duplicates import cross_class_groups, duplicate_summary  # noqa: E402
-from chestct.imaging import decode_grayscale, resize_square  # noqa: E402
-from chestct.labels import CLASS_NAMES, SPLITS  # noqa: E402
+from chestct.atomic_io import atomic_path
+from chestct.dataset import UnreadableImage
+from chestct.duplicates import cross_class_groups, duplicate_summary
+from chestct.imaging import decode_grayscale, resize_square
+from chestct.labels import CLASS_NAMES, SPLITS
 
 
 def _split_counts(table: pd.DataFrame) -> dict:
@@ -69,7 +66,8 @@ def save_montage(table: pd.DataFrame, data_folder: Path, path: Path, per_row: in
                  seed: int = 0) -> None:
     """One row per split and class with a few random samples, as they are stored (before CLAHE)."""
     rows = [(split, label) for split in SPLITS for label in (0, 1)]
-    figure, axes = plt.subplots(len(rows), per_row, figsize=(per_row * 1.6, len(rows) * 1.75))
+    figure = Figure(figsize=(per_row * 1.6, len(rows) * 1.75))
+    axes = figure.subplots(len(rows), per_row)
     rng = np.random.default_rng(seed)
     for row_index, (split, label) in enumerate(rows):
         members = table[(table["split"] == split) & (table["label"] == label)]
@@ -90,12 +88,12 @@ def save_montage(table: pd.DataFrame, data_folder: Path, path: Path, per_row: in
     figure.tight_layout()
     with atomic_path(path) as temp:
         figure.savefig(temp, dpi=90, format="png")
-    plt.close(figure)
 
 
 def save_size_histogram(table: pd.DataFrame, path: Path) -> None:
     """Width and height distributions per class: a size difference between classes would be a shortcut."""
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    figure = Figure(figsize=(10, 3.8))
+    axes = figure.subplots(1, 2)
     bins = np.linspace(0, max(int(table[["width", "height"]].max().max()), 1) * 1.05, 30)
     for axis, dimension in zip(axes, ("width", "height"), strict=True):
         for label, name in enumerate(CLASS_NAMES):
@@ -107,4 +105,3 @@ def save_size_histogram(table: pd.DataFrame, path: Path) -> None:
     figure.tight_layout()
     with atomic_path(path) as temp:
         figure.savefig(temp, dpi=90, format="png")
-    plt.close(figure)
