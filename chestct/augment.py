@@ -222,12 +222,14 @@ class Augmenter:
 
 
 def _apply_per_sample(step: AugmentStep, images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    transformed = tf.cast(step.transform(images, seed_pair(seed, 0)), tf.float32)
     if step.probability >= 1.0:
-        return transformed
+        return tf.cast(step.transform(images, seed_pair(seed, 0)), tf.float32)
     draws = tf.random.stateless_uniform([_batch_size(images)], seed=seed_pair(seed, 1))
-    chosen = tf.reshape(draws < step.probability, [-1, 1, 1, 1])
-    return tf.where(chosen, transformed, images)
+    # Transform only the chosen samples: at probabilities of 0.3-0.5 this saves most of the work, which on a
+    # CPU competes with the training step for the same cores.
+    chosen = tf.where(draws < step.probability)
+    transformed = tf.cast(step.transform(tf.gather_nd(images, chosen), seed_pair(seed, 0)), tf.float32)
+    return tf.tensor_scatter_nd_update(images, chosen, transformed)
 
 
 def build_augmenter(params: AugmentParams, seed: int) -> Augmenter:
