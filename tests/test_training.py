@@ -44,3 +44,19 @@ def test_precision_choice():
     assert resolve_precision("float32") == "float32"
     assert resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
     assert resolve_precision("auto") in {"float32", "mixed_bfloat16", "mixed_float16"}
+
+
+def test_mirrored_strategy_runs_on_a_cpu_only_machine():
+    """train.distribute: mirrored uses every visible GPU; without one it must still train on one replica."""
+    from chestct.training import make_strategy
+
+    strategy = make_strategy("mirrored")
+    assert strategy.num_replicas_in_sync >= 1
+    arrays = _arrays([0, 1] * 8)
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                                  keras.layers.Dense(1, activation="sigmoid")])
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=BinaryFocalLoss())
+    history = model.fit(arrays.images.astype("float32"), arrays.labels.astype("float32"), epochs=2,
+                        batch_size=8, verbose=0)
+    assert all(np.isfinite(history.history["loss"]))
