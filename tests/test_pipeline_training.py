@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.pipeline_repo import make_pipeline_repo, run
+from tests.pipeline_repo import make_pipeline_repo, run, update_params
 
 pytestmark = pytest.mark.e2e
 
@@ -85,6 +85,55 @@ def test_nothing_changed_nothing_retrains(trained_repo):
     repo, _ = trained_repo
     again = run(["dvc", "repro", "train_phase2"], repo)
     assert "Running stage" not in again.stdout
+
+
+@pytest.fixture(scope="module")
+def evaluated_repo(trained_repo):
+    repo, _ = trained_repo
+    result = run(["dvc", "repro", "evaluate"], repo)
+    assert "Running stage 'train_phase" not in result.stdout
+    return repo, result.stdout
+
+
+def test_evaluate_writes_metrics_threshold_and_plots(evaluated_repo):
+    repo, stdout = evaluated_repo
+    metrics = json.loads((repo / "metrics/eval.json").read_text())
+    with np.load(repo / "data/processed/test.npz") as arrays:
+        test_count = len(arrays["ids"])
+    assert metrics["test"]["n"] == test_count  # every test image scored, none dropped
+    for section in ("test", "valid", "test_leak_free"):
+        for key in ("auc", "auc_ci", "sensitivity", "specificity", "ppv", "npv", "f1", "dor", "threshold", "n",
+                    "n_normal"):
+            assert key in metrics[section], (section, key)
+    assert metrics["test_leak_free"]["n"] < metrics["test"]["n"]  # the planted copies are left out
+    assert set(metrics["shortcut"]) >= {"intensity_std_auc", "histogram_auc", "geometry_auc",
+                                        "hist_matched_model_auc"}
+    threshold = json.loads((repo / "models/threshold.json").read_text())
+    assert threshold["chosen_on"] == "valid" and threshold["threshold"] == metrics["test"]["threshold"]
+    for name in ("roc.png", "scores.png", "confusion.png", "calibration.png", "gradcam.png"):
+        assert (repo / "plots/eval" / name).stat().st_size > 5_000, name
+    shown = run(["dvc", "plots", "show", "--json"], repo).stdout
+    assert "roc_test.csv" in shown and "confusion.csv" in shown
+
+
+def test_branches_compare_with_metrics_and_params_diff(evaluated_repo):
+    """Changing an evaluate-only param reruns only evaluate; dvc shows what changed between the commits."""
+    repo, _ = evaluated_repo
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "youden threshold"], repo)
+    run(["git", "checkout", "-q", "-b", "fixed-threshold"], repo)
+    update_params(repo, {"evaluate": {"threshold": {"method": "fixed", "fixed": 0.05}}})
+    rerun = run(["dvc", "repro"], repo)
+    assert "Running stage 'evaluate'" in rerun.stdout
+    assert "Running stage 'train_phase" not in rerun.stdout and "Running stage 'preprocess'" not in rerun.stdout
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "fixed threshold"], repo)
+    params_diff = run(["dvc", "params", "diff", "main", "fixed-threshold"], repo).stdout
+    assert "evaluate.threshold.method" in params_diff and "fixed" in params_diff
+    metrics_diff = run(["dvc", "metrics", "diff", "main", "fixed-threshold"], repo).stdout
+    assert "test.threshold" in metrics_diff
+    run(["git", "checkout", "-q", "main"], repo)
+    run(["dvc", "checkout", "-q"], repo)
 
 
 def test_rerunning_a_phase_gives_identical_metrics_and_predictions(trained_repo):
