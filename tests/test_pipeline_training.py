@@ -112,8 +112,11 @@ def test_evaluate_writes_metrics_threshold_and_plots(evaluated_repo):
     assert threshold["chosen_on"] == "valid" and threshold["threshold"] == metrics["test"]["threshold"]
     for name in ("roc.png", "scores.png", "confusion.png", "calibration.png", "gradcam.png"):
         assert (repo / "plots/eval" / name).stat().st_size > 5_000, name
-    shown = run(["dvc", "plots", "show", "--json"], repo).stdout
-    assert "roc_test.csv" in shown and "confusion.csv" in shown
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)
+    charts = shown["data"]
+    for title in ("ROC (test and validation)", "Precision-recall", "Confusion matrix (test)", "Calibration"):
+        assert charts[title][0]["content"]["data"]["values"], title  # rendered with data, not just declared
+    assert not shown.get("errors")
 
 
 def test_branches_compare_with_metrics_and_params_diff(evaluated_repo):
