@@ -22,7 +22,7 @@ from scipy.stats import binomtest, norm, rankdata
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from chestct.errors import ChestctError
-from chestct.thresholds import _as_labels_and_scores, predict
+from chestct.thresholds import as_labels_and_scores, predict
 
 # Resamples are processed in chunks so that memory stays bounded on large test sets (elements per chunk).
 _CHUNK_ELEMENTS = 2_000_000
@@ -69,7 +69,7 @@ def bootstrap_auc(
     AUC is computed as the Mann-Whitney statistic from average ranks, vectorised over resamples; it equals
     roc_auc_score (ties count one half) without a Python loop per resample.
     """
-    y, s = _as_labels_and_scores(labels, scores, "bootstrap AUC")
+    y, s = as_labels_and_scores(labels, scores, "bootstrap AUC")
     _check_resamples(resamples)
     pos, neg = s[y == 1], s[y == 0]
     if pos.size == 0 or neg.size == 0:
@@ -137,7 +137,7 @@ def binary_metrics(
     positive predictions) is None rather than an error, so evaluating a degenerate split still reports.
     `subtypes` (one per sample, only read for Cancer samples) gives sensitivity_by_subtype; else it is None.
     """
-    y, s = _as_labels_and_scores(labels, scores, "metrics")
+    y, s = as_labels_and_scores(labels, scores, "metrics")
     _check_level(level)
     _check_resamples(resamples)
     predictions = predict(s, threshold)
@@ -224,7 +224,7 @@ def roc_band(
     "auc", "level" and "resamples". Every curve is non-decreasing in fpr, and so are the band's percentiles.
     Needs both classes (ChestctError otherwise): a single-class split has no ROC curve.
     """
-    y, s = _as_labels_and_scores(labels, scores, "ROC band")
+    y, s = as_labels_and_scores(labels, scores, "ROC band")
     _check_level(level)
     _check_resamples(resamples)
     if int(grid) < 2:

@@ -31,7 +31,7 @@ EPS = 1e-7
 _TIE_TOL = 1e-12
 
 
-def _as_labels_and_scores(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray, what: str):
+def as_labels_and_scores(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray, what: str):
     """Validate and convert to (int labels, float scores); raise ChestctError with a fixable message."""
     y = np.asarray(labels)
     s = np.asarray(scores, dtype=float)
@@ -96,7 +96,7 @@ def choose_threshold(
     "valid_youden"}. Every threshold in (low, high] gives the same validation operating point; for "fixed" the
     interval is [fixed, fixed]. The valid_* values come from applying the returned threshold to the raw scores.
     """
-    y, s = _as_labels_and_scores(labels, scores, "validation split")
+    y, s = as_labels_and_scores(labels, scores, "validation split")
     if np.unique(y).size < 2:
         only = "Cancer" if y[0] == 1 else "Normal"
         raise ChestctError(
