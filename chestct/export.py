@@ -106,6 +106,23 @@ def artifact_digest(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def write_metadata_files(folder: Path, params, threshold: dict, paths: dict[str, Path], skipped: dict[str, str],
+                         image_size: int, eval_metrics: dict | None, data_metrics: dict | None) -> dict:
+    """metadata.json (with every artifact's sha256) and MODEL_CARD.md in the export folder; returns the metadata."""
+    import json
+
+    from chestct.model_card import build_metadata, render_model_card
+
+    artifacts = {}
+    for name, path in paths.items():
+        sha256, size = artifact_digest(path)
+        artifacts[name] = {"file": path.name, "sha256": sha256, "bytes": size}
+    metadata = build_metadata(params, threshold, artifacts, skipped, image_size, eval_metrics)
+    (folder / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    (folder / "MODEL_CARD.md").write_text(render_model_card(metadata, data_metrics))
+    return metadata
+
+
 def run_in_fresh_process(format_name: str, artifact: Path, images_file: Path, latency_runs: int) -> dict:
     """Predictions and single-image latencies of one artifact, computed by `python -m chestct.export_check`."""
     with tempfile.TemporaryDirectory() as scratch:

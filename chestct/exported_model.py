@@ -1,12 +1,14 @@
 """Load any exported format and predict cancer probabilities from the cached uint8 images (N, S, S, 1).
 
-One small loader per format, each returning a `predict(images) -> probabilities (N,)` function. The export
-stage's parity check and the serving code use these same loaders.
+One small loader per format, each returning a `predict(images) -> probabilities (N,)` function (and, for the
+Keras formats, the Keras model itself, which Grad-CAM needs). The export stage's parity check and the serving
+code use these same loaders.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,15 @@ class ExportedModelError(ChestctError, RuntimeError):
     """An exported model cannot be loaded or run; the message names the format and the file."""
 
 
-def _keras_loader(path: Path, batch_size: int) -> Predict:
+@dataclass(frozen=True)
+class LoadedExport:
+    format: str
+    path: Path
+    predict: Predict
+    keras_model: object | None = None  # the keras.Model for .keras/.h5 (Grad-CAM); None for graph formats
+
+
+def _keras_loader(path: Path, batch_size: int) -> tuple[Predict, object]:
     import keras
 
     import chestct.losses  # noqa: F401  (registers custom objects)
@@ -43,10 +53,10 @@ def _keras_loader(path: Path, batch_size: int) -> Predict:
                    for start in range(0, len(images), batch_size)]
         return np.concatenate(outputs).astype(np.float64) if outputs else np.zeros(0)
 
-    return predict
+    return predict, model
 
 
-def _savedmodel_loader(path: Path, batch_size: int) -> Predict:
+def _savedmodel_loader(path: Path, batch_size: int) -> tuple[Predict, None]:
     import tensorflow as tf
 
     serve = tf.saved_model.load(str(path)).signatures["serving_default"]
@@ -58,10 +68,10 @@ def _savedmodel_loader(path: Path, batch_size: int) -> Predict:
             outputs.append(next(iter(result.values())).numpy().ravel())
         return np.concatenate(outputs).astype(np.float64) if outputs else np.zeros(0)
 
-    return predict
+    return predict, None
 
 
-def _tflite_loader(path: Path, batch_size: int) -> Predict:
+def _tflite_loader(path: Path, batch_size: int) -> tuple[Predict, None]:
     import tensorflow as tf
 
     interpreter = tf.lite.Interpreter(model_path=str(path))
@@ -78,7 +88,7 @@ def _tflite_loader(path: Path, batch_size: int) -> Predict:
             scores[index] = float(interpreter.get_tensor(output_index).ravel()[0])
         return scores
 
-    return predict
+    return predict, None
 
 
 _LOADERS = {
@@ -92,14 +102,20 @@ _LOADERS = {
 
 def load_exported(format_name: str, path: str | Path, batch_size: int = 32) -> Predict:
     """A predict function for one exported artifact; ExportedModelError names the format and file on failure."""
+    return open_exported(format_name, path, batch_size).predict
+
+
+def open_exported(format_name: str, path: str | Path, batch_size: int = 32) -> LoadedExport:
+    """Load one exported artifact; ExportedModelError names the format and file on failure."""
     path = Path(path)
     if format_name not in _LOADERS:
         raise ExportedModelError(f"unknown export format {format_name!r}; known: {', '.join(_LOADERS)}")
     if not path.exists():
         raise ExportedModelError(f"{format_name}: {path} not found; run `dvc repro export`")
     try:
-        return _LOADERS[format_name](path, batch_size)
+        predict, keras_model = _LOADERS[format_name](path, batch_size)
     except ExportedModelError:
         raise
     except Exception as exc:  # every loader failure becomes one message naming the format
         raise ExportedModelError(f"{format_name}: cannot load {path} ({type(exc).__name__}: {exc})") from exc
+    return LoadedExport(format_name, path, predict, keras_model)

@@ -1,7 +1,8 @@
 """THE deterministic preprocessing: any image file -> the model's uint8 input.
 
-decode (any PNG/JPEG mode, the type read from the bytes) -> grayscale uint8 -> CLAHE -> optional fixed window
--> resize to a square (keeping the aspect ratio and padding, or stretching) -> uint8 (S, S, 1).
+decode (any PNG/JPEG mode, or DICOM through a Hounsfield window; the type read from the bytes) -> grayscale
+uint8 -> CLAHE -> optional fixed window -> resize to a square (keeping the aspect ratio and padding, or
+stretching) -> uint8 (S, S, 1).
 
 The preprocess stage, evaluation, export checks and the server all call `preprocess_image` with the same
 `PreprocessParams`, so the model always sees exactly what it was trained on.
@@ -17,37 +18,59 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from chestct.dicom import dicom_to_grayscale, looks_like_dicom
 from chestct.errors import ChestctError
-from chestct.params import PreprocessParams
+from chestct.params import DicomWindowParams, PreprocessParams
 
 # Pillow refuses images above this many pixels unless told otherwise; we check explicitly instead.
 DEFAULT_MAX_PIXELS = 40_000_000
+# Lung window in Hounsfield units, used for DICOM input when no window is given (params: serve.dicom_window).
+DEFAULT_DICOM_WINDOW = DicomWindowParams(center=-600, width=1500)
 
 
 class ImageDecodeError(ChestctError, ValueError):
     """A file is not a readable image (empty, truncated, not an image, or too large)."""
 
 
+class EmptyImageError(ImageDecodeError):
+    """The file has no bytes at all."""
+
+
+class UnsupportedImageError(ImageDecodeError):
+    """Not an image this project reads: not PNG, JPEG or DICOM content (whatever the file name says), or a
+    DICOM kind it does not handle (multi-frame, colour)."""
+
+
+class CorruptImageError(ImageDecodeError):
+    """The format is recognised but the data cannot be decoded (truncated, damaged, or a DICOM without pixels)."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """The decoded image would exceed the pixel limit (decompression-bomb guard)."""
+
+
 def open_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open and fully decode image bytes with Pillow, turning every failure into an ImageDecodeError."""
     if not data:
-        raise ImageDecodeError(f"{name}: the file is empty (0 bytes); replace it with a valid PNG or JPEG")
+        raise EmptyImageError(f"{name}: the file is empty (0 bytes); replace it with a valid PNG or JPEG")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageDecodeError(
+                raise ImageTooLargeError(
                     f"{name}: {width}x{height} px exceeds the limit of {max_pixels} pixels; downscale it first"
                 )
             image.load()  # decodes fully: a truncated file fails here, not later
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
-        raise ImageDecodeError(f"{name}: not a recognised image (expected PNG or JPEG content)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"{name}: cannot be decoded ({exc}); the file may be truncated or corrupt") from None
+        raise UnsupportedImageError(f"{name}: not a recognised image (expected PNG, JPEG or DICOM content)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"{name}: {exc}; downscale it first") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise CorruptImageError(f"{name}: cannot be decoded ({exc}); the file may be truncated or corrupt") from None
     return image
 
 
@@ -69,10 +92,12 @@ def to_grayscale(image: Image.Image) -> np.ndarray:
 
 
 def decode_grayscale(source: str | Path | bytes, name: str | None = None,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode image bytes or a file into a 2-D uint8 grayscale array.
+                     max_pixels: int = DEFAULT_MAX_PIXELS,
+                     dicom_window: DicomWindowParams | None = None) -> np.ndarray:
+    """Decode PNG, JPEG or DICOM bytes or a file into a 2-D uint8 grayscale array.
 
-    The format comes from the content, not the file name (the real data has JPEGs named .png).
+    The format comes from the content, not the file name (the real data has JPEGs named .png). DICOM pixels
+    are converted to Hounsfield units and mapped through `dicom_window` (default: a lung window).
     """
     if isinstance(source, bytes):
         data, label = source, name or "<upload>"
@@ -85,6 +110,9 @@ def decode_grayscale(source: str | Path | bytes, name: str | None = None,
             raise ImageDecodeError(f"{label}: file not found") from None
         except IsADirectoryError:
             raise ImageDecodeError(f"{label}: is a folder, not an image file") from None
+    if looks_like_dicom(data):
+        window = dicom_window or DEFAULT_DICOM_WINDOW
+        return dicom_to_grayscale(data, label, window.center, window.width, max_pixels)
     return to_grayscale(open_image(data, label, max_pixels))
 
 
@@ -94,7 +122,7 @@ def apply_clahe(gray: np.ndarray, clip_limit: float, tile_grid: int) -> np.ndarr
 
 
 def apply_window(gray: np.ndarray, center: float, width: float) -> np.ndarray:
-    """Map [center - width/2, center + width/2] linearly onto 0-255, clipping outside."""
+    """Map [center - width/2, center + width/2] linearly onto 0-255, clipping outside (grey levels or HU)."""
     low = center - width / 2.0
     windowed = (gray.astype(np.float32) - low) * (255.0 / width)
     return np.clip(np.round(windowed), 0, 255).astype(np.uint8)
@@ -127,6 +155,8 @@ def preprocess_gray(gray: np.ndarray, params: PreprocessParams) -> np.ndarray:
 
 
 def preprocess_image(source: str | Path | bytes, params: PreprocessParams, name: str | None = None,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Any image file or bytes -> the model's input: uint8 array of shape (S, S, 1)."""
-    return preprocess_gray(decode_grayscale(source, name=name, max_pixels=max_pixels), params)
+                     max_pixels: int = DEFAULT_MAX_PIXELS,
+                     dicom_window: DicomWindowParams | None = None) -> np.ndarray:
+    """Any image file or bytes (PNG, JPEG, DICOM) -> the model's input: uint8 array of shape (S, S, 1)."""
+    gray = decode_grayscale(source, name=name, max_pixels=max_pixels, dicom_window=dicom_window)
+    return preprocess_gray(gray, params)

@@ -34,8 +34,8 @@ def main() -> None:
         planned_formats,
         run_in_fresh_process,
         write_artifacts,
+        write_metadata_files,
     )
-    from chestct.model_card import build_metadata, render_model_card
     from chestct.training import load_trained_model
 
     params = load_params()
@@ -49,20 +49,18 @@ def main() -> None:
         images_file = Path(scratch) / "test_images.npy"
         np.save(images_file, test.images)
         reference = run_in_fresh_process("keras", MODEL, images_file, params.export.latency_runs)["scores"]
-        reports, artifacts = {}, {}
+        reports = {}
         for name, path in paths.items():
             run = run_in_fresh_process(name, path, images_file, params.export.latency_runs)
-            sha256, size = artifact_digest(path)
+            _, size = artifact_digest(path)
             reports[name] = parity_report(reference, run["scores"], threshold["threshold"], name, params.export)
             reports[name] |= {"bytes": size, "latency_ms_median": float(np.median(run["latency_ms"]))}
-            artifacts[name] = {"file": path.name, "sha256": sha256, "bytes": size}
             print(f"export: {name:<15} {size / 1e6:7.1f} MB  max|dp| {reports[name]['max_abs_diff']:.2e}  "
                   f"agreement {reports[name]['decision_agreement']:.4f}  "
                   f"latency {reports[name]['latency_ms_median']:.1f} ms", flush=True)
         check_parity(reports)  # raises before the folder is moved into place: nothing half-exported
-        metadata = build_metadata(params, threshold, artifacts, skipped, test.image_size, _read_json(EVAL_METRICS))
-        (folder / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-        (folder / "MODEL_CARD.md").write_text(render_model_card(metadata, _read_json(DATA_METRICS)))
+        write_metadata_files(folder, params, threshold, paths, skipped, test.image_size,
+                             _read_json(EVAL_METRICS), _read_json(DATA_METRICS))
     write_json(METRICS, {"test_images": len(test), "formats": reports, "skipped": skipped})
     print(f"export: {len(paths)} formats -> {EXPORT}; parity checked on {len(test)} test images")
 

@@ -61,3 +61,23 @@ def make_kaggle_layout(root: Path, per_class: int = 3, seed: int = 0) -> Path:
                 counter += 1
                 save_image(data / split / folder / f"{index:06d}.png", textured_image(counter))
     return data
+
+
+# --- serving: one small real export and one live server per test session ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, default_params) -> Path:
+    """A real export folder (random DenseNet121 at 64 px: keras, h5, savedmodel, tflite_float32)."""
+    from tests.serving_support import build_tiny_export
+
+    return build_tiny_export(tmp_path_factory.mktemp("export") / "export", default_params)
+
+
+@pytest.fixture(scope="session")
+def live_server(tiny_export):
+    """The service on loopback in a background thread: yields its base URL."""
+    from tests.serving_support import running_server
+
+    with running_server(tiny_export) as url:
+        yield url

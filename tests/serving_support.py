@@ -1,0 +1,97 @@
+"""A small real export folder for the serving tests: random-weight DenseNet121 at 64 px, every loadable format.
+
+DenseNet121 rather than MobileNetV3: with random weights its outputs vary between images and its Grad-CAM maps
+are not constant (see test_gradcam.py). The threshold is set to the median probability of a few phantoms, so
+both diagnoses occur.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+
+SIZE = 64
+FORMATS = ("keras", "h5", "savedmodel", "tflite_float32")
+
+
+def serving_params(default_params, **serve_overrides):
+    model = default_params.model
+    model = model.model_copy(update={"backbone": "densenet121", "weights": None,
+                                     "head": model.head.model_copy(update={"units": [8]})})
+    preprocess = default_params.preprocess.model_copy(update={"image_size": SIZE})
+    serve = default_params.serve.model_copy(update=serve_overrides)
+    return default_params.model_copy(update={"model": model, "preprocess": preprocess, "serve": serve})
+
+
+def phantom_images(count: int = 6, seed: int = 0) -> list[tuple[int, np.ndarray]]:
+    """(label, grayscale uint8 image) pairs alternating Normal and Cancer."""
+    from chestct.phantom import render_phantom
+
+    rng = np.random.default_rng(seed)
+    return [(index % 2, render_phantom(rng, (160, 160), 2 * (index % 2))) for index in range(count)]
+
+
+def build_tiny_export(folder: Path, default_params, formats: tuple[str, ...] = FORMATS, **serve_overrides) -> Path:
+    import keras
+
+    from chestct.export import write_artifacts, write_metadata_files
+    from chestct.imaging import preprocess_gray
+    from chestct.model import build_model
+
+    params = serving_params(default_params, **serve_overrides)
+    keras.utils.set_random_seed(3)
+    model = build_model(params.model, SIZE)
+    images = np.stack([preprocess_gray(gray, params.preprocess) for _, gray in phantom_images()])
+    threshold = float(np.median(model.predict(images, verbose=0).ravel()))
+    paths = write_artifacts(model, folder, list(formats))
+    write_metadata_files(folder, params, {"threshold": threshold, "method": "fixed", "chosen_on": "valid"},
+                         paths, {}, SIZE, None, None)
+    return folder
+
+
+def png_bytes(gray: np.ndarray, mode: str = "L", fmt: str = "PNG") -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    image = Image.fromarray(gray.astype(np.uint16) * 257) if mode == "I;16" else Image.fromarray(gray).convert(mode)
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(export_dir: Path, formats: tuple[str, ...] | None = None):
+    """uvicorn serving create_app(export_dir) on 127.0.0.1 in a thread; yields the base URL, stops it after."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from app.main import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(export_dir, formats), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

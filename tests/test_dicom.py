@@ -1,0 +1,149 @@
+"""DICOM input: detection by content, HU from rescale, lung window, and refusals with clear messages."""
+
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGLosslessSV1
+
+from chestct.dicom import dicom_to_grayscale, looks_like_dicom
+from chestct.imaging import CorruptImageError, ImageTooLargeError, UnsupportedImageError
+from tests.dicom_factory import make_ct_dicom, phantom_to_dicom
+
+CENTER, WIDTH = -600.0, 1500.0  # params.yaml serve.dicom_window
+MAX_PIXELS = 1_000_000
+
+
+def decode(data: bytes, name: str = "slice.dcm", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    return dicom_to_grayscale(data, name, CENTER, WIDTH, max_pixels)
+
+
+def rewrite(data: bytes, **changes) -> bytes:
+    """Re-save a DICOM with some elements changed (None deletes the element)."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_detection_is_by_content():
+    assert looks_like_dicom(make_ct_dicom(np.zeros((2, 2))))
+    ok, png = cv2.imencode(".png", np.zeros((4, 4), dtype=np.uint8))
+    assert ok and not looks_like_dicom(png.tobytes())
+    assert not looks_like_dicom(b"")
+    assert not looks_like_dicom(b"\0" * 130 + b"DI")
+    assert not looks_like_dicom(b"DICM" + b"\0" * 200)  # the magic must follow the 128-byte preamble
+
+
+def test_hu_from_slope_and_intercept_then_lung_window():
+    # window [-1350, 150] HU -> 0..255, i.e. 0.17 grey levels per HU; values chosen away from .5 rounding ties
+    hu = np.array([[-2000, -1350, -1250, -1050],
+                   [-1002, -998, -450, 50],
+                   [98, 150, 152, 3000]], dtype=np.float64)
+    expected = np.array([[0, 0, 17, 51],
+                         [59, 60, 153, 238],
+                         [246, 255, 255, 255]], dtype=np.uint8)
+    data = make_ct_dicom(hu, slope=2.0, intercept=-1000.0)
+    stored = pydicom.dcmread(io.BytesIO(data))
+    assert float(stored.RescaleSlope) == 2.0 and float(stored.RescaleIntercept) == -1000.0
+    np.testing.assert_array_equal(stored.pixel_array, (hu + 1000) / 2)  # the file really holds rescaled values
+    gray = decode(data)
+    assert gray.dtype == np.uint8 and gray.shape == (3, 4)
+    np.testing.assert_array_equal(gray, expected)
+
+
+def test_missing_rescale_means_slope_1_intercept_0():
+    hu = np.array([[-1250, -1050], [-450, 50]], dtype=np.float64)
+    data = rewrite(make_ct_dicom(hu, intercept=0.0), RescaleSlope=None, RescaleIntercept=None, RescaleType=None)
+    assert "RescaleSlope" not in pydicom.dcmread(io.BytesIO(data))
+    np.testing.assert_array_equal(decode(data), [[17, 51], [153, 238]])
+
+
+def test_monochrome1_is_inverted_after_windowing():
+    hu = np.linspace(-1400, 200, 24).reshape(4, 6)
+    normal = decode(make_ct_dicom(hu, photometric="MONOCHROME2"))
+    inverted = decode(make_ct_dicom(hu, photometric="MONOCHROME1"))
+    assert normal.min() == 0 and normal.max() == 255
+    np.testing.assert_array_equal(inverted, 255 - normal)
+
+
+def test_no_pixel_data_is_refused_by_name():
+    data = make_ct_dicom(np.zeros((4, 4)), with_pixels=False)
+    with pytest.raises(CorruptImageError, match="no pixel data") as info:
+        decode(data, name="report.dcm")
+    assert str(info.value).startswith("report.dcm: ")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the cut-off values it reads
+def test_every_truncation_is_a_corrupt_image_error():
+    data = make_ct_dicom(np.full((6, 5), -800.0))
+    for cut in range(132, len(data)):
+        with pytest.raises(CorruptImageError) as info:
+            decode(data[:cut], name="cut.dcm")
+        assert str(info.value).startswith("cut.dcm: ")
+    pixel_start = len(data) - 6 * 5 * 2
+    with pytest.raises(CorruptImageError, match="pixel data is less than expected"):
+        decode(data[:-7], name="cut.dcm")
+    with pytest.raises(CorruptImageError, match="no pixel data: it stops in the middle of an element"):
+        decode(data[:pixel_start - 9], name="cut.dcm")  # inside the 12-byte Pixel Data element header
+
+
+def test_garbage_after_the_magic_is_corrupt():
+    with pytest.raises(CorruptImageError, match="^junk.dcm: "):
+        decode(b"\0" * 128 + b"DICM" + bytes(range(256)) * 4, name="junk.dcm")
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    data = make_ct_dicom(np.zeros((4, 5)))
+    assert decode(data, max_pixels=20).shape == (4, 5)
+    with pytest.raises(ImageTooLargeError, match=r"^big.dcm: 5x4 px exceeds the limit of 19 pixels"):
+        decode(data, name="big.dcm", max_pixels=19)
+    # a header claiming a huge image is refused on its size, without touching the (too short) pixel data
+    with pytest.raises(ImageTooLargeError, match="50000x40000 px"):
+        decode(rewrite(data, Rows=40000, Columns=50000), name="big.dcm")
+
+
+def test_multi_frame_is_refused():
+    data = make_ct_dicom(np.zeros((4, 4)))
+    ds = pydicom.dcmread(io.BytesIO(data))
+    data = rewrite(data, NumberOfFrames=2, PixelData=ds.PixelData * 2)
+    with pytest.raises(UnsupportedImageError, match="multi-frame DICOM .*export a single slice"):
+        decode(data)
+
+
+def test_colour_is_refused():
+    data = rewrite(make_ct_dicom(np.zeros((4, 4))), PhotometricInterpretation="RGB", SamplesPerPixel=3)
+    with pytest.raises(UnsupportedImageError, match="colour DICOM .*RGB"):
+        decode(data)
+
+
+def test_compression_without_a_decoder_is_corrupt_with_a_hint():
+    data = make_ct_dicom(np.zeros((4, 4)))
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    ds.PixelData = encapsulate([b"\xff\xd8not really a jpeg\xff\xd9"])
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(CorruptImageError, match="export it uncompressed"):
+        decode(buffer.getvalue())
+
+
+def test_phantom_round_trip_recovers_the_grey_levels():
+    rng = np.random.default_rng(0)
+    gray = np.concatenate([np.arange(256, dtype=np.uint8).reshape(16, 16),
+                           rng.integers(0, 256, (16, 16), dtype=np.uint8)])
+    data = phantom_to_dicom(gray, center=CENTER, width=WIDTH)
+    assert looks_like_dicom(data)
+    back = decode(data)
+    assert back.shape == gray.shape
+    assert np.abs(back.astype(int) - gray.astype(int)).max() <= 1

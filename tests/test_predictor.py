@@ -1,0 +1,166 @@
+"""Predictor: the format fallback chain, metadata-driven preprocessing and decisions, every input type, threads.
+
+Parity with the pipeline's cached arrays on a trained model is checked end to end in test_pipeline_training.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+from chestct.imaging import CorruptImageError, ImageDecodeError, preprocess_gray
+from chestct.predictor import ModelUnavailableError, Predictor, parse_format_order
+from tests.dicom_factory import make_ct_dicom, phantom_to_dicom
+from tests.serving_support import FORMATS, phantom_images, png_bytes
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_export) -> Predictor:
+    return Predictor(tiny_export)
+
+
+@pytest.fixture(scope="module")
+def phantoms() -> list[tuple[str, bytes]]:
+    return [(f"phantom{index}_{label}.png", png_bytes(gray)) for index, (label, gray) in enumerate(phantom_images())]
+
+
+def copy_export(tiny_export, tmp_path):
+    return shutil.copytree(tiny_export, tmp_path / "export")
+
+
+def test_loads_the_first_format_and_reports_identity(predictor, tiny_export):
+    metadata = json.loads((tiny_export / "metadata.json").read_text())
+    assert predictor.format == "keras"
+    assert predictor.sha256 == metadata["artifacts"]["keras"]["sha256"]
+    assert predictor.threshold == metadata["threshold"]
+    assert predictor.image_size == 64 and predictor.gradcam_available
+    assert predictor.load_report == [f"keras: loaded {tiny_export / 'chestct.keras'}"]
+
+
+def test_falls_back_past_a_replaced_and_a_broken_file_and_says_why(tiny_export, tmp_path, caplog):
+    export = copy_export(tiny_export, tmp_path)
+    (export / "chestct.keras").write_bytes(b"not a keras file")  # replaced after export: sha256 differs
+    metadata = json.loads((export / "metadata.json").read_text())
+    (export / "chestct.h5").write_bytes(b"broken h5")
+    from chestct.export import artifact_digest
+
+    metadata["artifacts"]["h5"]["sha256"] = artifact_digest(export / "chestct.h5")[0]  # matches, cannot load
+    (export / "metadata.json").write_text(json.dumps(metadata))
+    with caplog.at_level("INFO", logger="chestct.predictor"):
+        predictor = Predictor(export)
+    assert predictor.format == "savedmodel" and not predictor.gradcam_available
+    keras_line, h5_line, loaded_line = predictor.load_report
+    assert "sha256 of chestct.keras differs from metadata.json" in keras_line
+    assert h5_line.startswith("h5: failed: h5: cannot load")
+    assert loaded_line.startswith("savedmodel: loaded")
+    assert "sha256 of chestct.keras differs" in caplog.text
+
+
+def test_format_order_is_configurable_by_argument_and_environment(tiny_export, monkeypatch):
+    assert Predictor(tiny_export, formats=("tflite_float32", "keras")).format == "tflite_float32"
+    monkeypatch.setenv("CHESTCT_EXPORT_DIR", str(tiny_export))
+    monkeypatch.setenv("CHESTCT_FORMATS", "savedmodel,keras")
+    assert Predictor().format == "savedmodel"
+
+
+def test_a_format_that_was_not_exported_is_skipped(tiny_export):
+    predictor = Predictor(tiny_export, formats=("tflite_dynamic", "h5"))
+    assert predictor.format == "h5"
+    assert predictor.load_report[0] == "tflite_dynamic: skipped: not exported"
+
+
+def test_unknown_format_names_the_choices():
+    with pytest.raises(ModelUnavailableError, match="unknown export format.*onnx.*choose from keras"):
+        parse_format_order("keras,onnx")
+
+
+def test_no_export_folder_says_how_to_make_one(tmp_path):
+    with pytest.raises(ModelUnavailableError, match=r"no exported model in .*run `dvc repro`"):
+        Predictor(tmp_path / "missing")
+
+
+def test_no_loadable_format_lists_every_attempt(tiny_export, tmp_path):
+    export = copy_export(tiny_export, tmp_path)
+    for name in ("chestct.keras", "chestct.h5", "chestct_float32.tflite"):
+        (export / name).unlink()
+    shutil.rmtree(export / "savedmodel")
+    with pytest.raises(ModelUnavailableError, match=r"(?s)keras: failed: .*missing.*savedmodel: failed.*"
+                                                    r"dvc repro export"):
+        Predictor(export)
+
+
+def test_input_is_the_pipeline_preprocessing_with_the_exported_params(predictor, phantoms):
+    (name, data), gray = phantoms[0], phantom_images()[0][1]
+    np.testing.assert_array_equal(predictor.prepare(data, name), preprocess_gray(gray, predictor.preprocess_params))
+
+
+def test_predictions_follow_the_stored_threshold(predictor, phantoms):
+    predictions = predictor.predict(phantoms, gradcam=True)
+    assert [p.filename for p in predictions] == [name for name, _ in phantoms]
+    assert {p.diagnosis for p in predictions} == {"Normal", "Cancer"}  # the threshold is their median
+    for p in predictions:
+        assert p.threshold == predictor.threshold
+        assert p.diagnosis == ("Cancer" if p.cancer_probability >= p.threshold else "Normal")
+        expected_confidence = p.cancer_probability if p.diagnosis == "Cancer" else 1 - p.cancer_probability
+        assert p.confidence == pytest.approx(expected_confidence)
+        assert p.model_input.shape == (64, 64, 1) and p.model_input.dtype == np.uint8
+        assert p.heatmap.shape == (64, 64) and p.heatmap.min() >= 0 and p.heatmap.max() <= 1
+        assert p.to_dict()["model"] == {"format": "keras", "sha256": predictor.sha256}
+
+
+@pytest.mark.parametrize("format_name", FORMATS[1:])
+def test_every_format_gives_the_same_probabilities_and_decisions(predictor, tiny_export, phantoms, format_name):
+    reference = predictor.predict(phantoms)
+    other = Predictor(tiny_export, formats=(format_name,)).predict(phantoms)
+    np.testing.assert_allclose([p.cancer_probability for p in other], [p.cancer_probability for p in reference],
+                               atol=1e-5)
+    assert [p.diagnosis for p in other] == [p.diagnosis for p in reference]
+
+
+@pytest.mark.parametrize(("mode", "fmt"), [("L", "PNG"), ("RGB", "PNG"), ("RGBA", "PNG"), ("P", "PNG"),
+                                           ("I;16", "PNG"), ("RGB", "JPEG")])
+def test_every_image_mode_is_read(predictor, mode, fmt):
+    gray = phantom_images(count=1)[0][1]
+    prediction = predictor.predict([(f"scan.{fmt.lower()}", png_bytes(gray, mode, fmt))])[0]
+    assert 0.0 <= prediction.cancer_probability <= 1.0
+
+
+def test_dicom_in_hounsfield_units_gives_the_same_input_as_the_png(predictor):
+    gray = phantom_images(count=1)[0][1]
+    window = predictor.serve_params.dicom_window
+    from_dicom = predictor.prepare(phantom_to_dicom(gray, window.center, window.width), "scan.dcm")
+    np.testing.assert_array_equal(from_dicom, predictor.prepare(png_bytes(gray), "scan.png"))
+
+
+def test_a_bad_file_fails_the_call_by_name_before_any_prediction(predictor, phantoms):
+    no_pixels = make_ct_dicom(np.zeros((8, 8)), with_pixels=False)
+    with pytest.raises(CorruptImageError, match="report.dcm: .*no pixel data"):
+        predictor.predict([phantoms[0], ("report.dcm", no_pixels)])
+    with pytest.raises(ImageDecodeError, match="notes.txt: not a recognised image"):
+        predictor.predict([("notes.txt", b"hello")])
+
+
+def test_concurrent_predictions_match_sequential_ones(predictor, phantoms):
+    expected = {name: p.cancer_probability for (name, _), p in zip(phantoms, predictor.predict(phantoms), strict=True)}
+    results, errors = {}, []
+
+    def work(index):
+        try:
+            for name, data in phantoms[index % 2::2]:
+                results[(index, name)] = predictor.predict([(name, data)])[0].cancer_probability
+        except Exception as exc:  # surfaced below: a thread's exception would otherwise vanish
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len(results) == 18
+    for (_, name), probability in results.items():
+        assert probability == pytest.approx(expected[name], abs=1e-6)
