@@ -2,6 +2,8 @@
 
     chestct check-params [--params params.yaml]          validate params.yaml and print every resolved value
     chestct preprocess IMAGE... --out-dir DIR [--params]  run THE preprocessing on files, save what the model sees
+    chestct predict IMAGE... [--json] [--gradcam-dir DIR] diagnose files with the exported model
+    chestct serve [--host --port]                        start the web service (page + JSON API)
 """
 
 from __future__ import annotations
@@ -44,6 +46,62 @@ def _preprocess(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--export-dir", type=Path, default=None,
+                        help="export folder (default: $CHESTCT_EXPORT_DIR or models/export)")
+    parser.add_argument("--formats", default=None,
+                        help="format order to try, comma-separated (default: $CHESTCT_FORMATS or "
+                             "keras,h5,savedmodel,tflite_float32,tflite_dynamic)")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    import json
+    import logging
+
+    from PIL import Image
+
+    from chestct.gradcam import overlay
+    from chestct.predictor import Predictor, parse_format_order
+
+    logging.basicConfig(level=logging.WARNING, format="chestct predict: %(message)s")
+    predictor = Predictor(args.export_dir, parse_format_order(args.formats))
+    gradcam = args.gradcam_dir is not None and predictor.gradcam_available
+    if args.gradcam_dir is not None:
+        if not gradcam:
+            print(f"chestct predict: no Grad-CAM for the {predictor.format} format; --gradcam-dir ignored",
+                  file=sys.stderr)
+        args.gradcam_dir.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for image_path in args.images:
+        try:
+            prediction = predictor.predict_file(image_path, gradcam=gradcam)
+        except ChestctError as exc:  # one unreadable file does not stop the others
+            failures += 1
+            print(f"{image_path}: error: {exc}", file=sys.stderr)
+            continue
+        if gradcam:
+            target = args.gradcam_dir / f"{Path(image_path).stem}_gradcam.png"
+            Image.fromarray(overlay(prediction.model_input, prediction.heatmap)).save(target)
+        if args.json:
+            print(json.dumps(prediction.to_dict()))
+        else:
+            print(f"{image_path}: {prediction.diagnosis:<6}  p(cancer) {prediction.cancer_probability:.3f}  "
+                  f"threshold {prediction.threshold:.3f}  confidence {prediction.confidence:.3f}  "
+                  f"[{prediction.model_format} {prediction.model_sha256[:12]}]")
+    if failures:
+        raise SystemExit(1)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from app.main import create_app
+    from chestct.predictor import parse_format_order
+
+    app = create_app(args.export_dir, parse_format_order(args.formats))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chestct", description="Chest CT cancer detection pipeline tools.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
     preprocess.add_argument("--out-dir", type=Path, required=True)
     preprocess.add_argument("--params", type=Path, default=DEFAULT_PARAMS_FILE)
     preprocess.set_defaults(run=_preprocess)
+
+    predict = commands.add_parser("predict", help="diagnose image files (PNG, JPEG, DICOM) with the exported model")
+    predict.add_argument("images", nargs="+", type=Path)
+    predict.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
+    predict.add_argument("--gradcam-dir", type=Path, default=None, help="also save Grad-CAM overlays here")
+    _model_options(predict)
+    predict.set_defaults(run=_predict)
+
+    serve = commands.add_parser("serve", help="start the web page and JSON API (uvicorn)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    _model_options(serve)
+    serve.set_defaults(run=_serve)
     return parser
 
 

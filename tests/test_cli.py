@@ -35,3 +35,74 @@ def test_preprocess_saves_the_model_view_and_reports_bad_files(tmp_path, capsys)
     saved = np.asarray(Image.open(tmp_path / "out" / "scan.png"))
     assert saved.shape == (256, 256) and saved.std() > 5
     assert "broken.png: skipped" in capsys.readouterr().err
+
+
+def test_predict_prints_one_line_per_file_and_reports_bad_ones(tiny_export, tmp_path, capsys):
+    from tests.serving_support import phantom_images, png_bytes
+
+    scans = []
+    for index, (_, gray) in enumerate(phantom_images(count=2)):
+        scans.append(tmp_path / f"scan{index}.png")
+        scans[-1].write_bytes(png_bytes(gray))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(scans[0]), str(broken), str(scans[1]), "--export-dir", str(tiny_export),
+              "--gradcam-dir", str(tmp_path / "cams")])
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert len(lines) == 2 and all("p(cancer)" in line and "[keras " in line for line in lines)
+    assert lines[0].startswith(f"{scans[0]}: ") and lines[1].startswith(f"{scans[1]}: ")
+    assert f"{broken}: error:" in captured.err
+    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == ["scan0_gradcam.png", "scan1_gradcam.png"]
+
+
+def test_predict_json_matches_the_predictor(tiny_export, tmp_path, capsys):
+    import json
+
+    from chestct.predictor import Predictor
+    from tests.serving_support import phantom_images, png_bytes
+
+    scan = tmp_path / "scan.png"
+    scan.write_bytes(png_bytes(phantom_images(count=1)[0][1]))
+    main(["predict", str(scan), "--json", "--export-dir", str(tiny_export), "--formats", "savedmodel"])
+    printed = json.loads(capsys.readouterr().out)
+    expected = Predictor(tiny_export, formats=("savedmodel",)).predict_file(scan).to_dict()
+    assert printed == expected and printed["model"]["format"] == "savedmodel"
+
+
+def test_predict_without_a_model_says_how_to_get_one(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", str(tmp_path / "x.png"), "--export-dir", str(tmp_path / "none")])
+    assert "dvc repro" in capsys.readouterr().err
+
+
+def test_serve_starts_the_service(tiny_export):
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tests.serving_support import free_port
+
+    port = free_port()
+    command = [sys.executable, "-c", "from chestct.cli import main; main()", "serve", "--port", str(port),
+               "--export-dir", str(tiny_export), "--formats", "tflite_float32"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+                break
+            except httpx.TransportError:
+                assert process.poll() is None, process.stdout.read()
+                assert time.monotonic() < deadline, "chestct serve did not answer within 90 s"
+                time.sleep(0.5)
+        assert health == {"status": "ok", "model_loaded": True, "format": "tflite_float32"}
+        assert httpx.get(f"http://127.0.0.1:{port}/").status_code == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -167,6 +167,35 @@ def test_export_writes_every_format_with_verified_parity(exported_repo):
     assert "Not for clinical use" in card and "Shortcut audit" in card
 
 
+def test_serving_sees_the_cached_arrays_and_every_format_decides_alike(exported_repo):
+    """The server's path from a raw file equals the pipeline's cached array; all formats give the same decisions."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from chestct.input_pipeline import load_split
+    from chestct.predictor import Predictor
+
+    repo, _ = exported_repo
+    export, test = repo / "models/export", load_split(repo / "data/processed/test.npz")
+    files = [repo / "data/raw/Data" / image_id for image_id in test.ids]
+    reference = Predictor(export)
+    assert reference.format == "keras"
+    served_inputs = np.stack([reference.prepare(path) for path in files])
+    np.testing.assert_array_equal(served_inputs, test.images)
+
+    sources = [(str(path), path) for path in files]
+    expected = reference.predict(sources)
+    metadata = json.loads((export / "metadata.json").read_text())
+    for format_name in metadata["artifacts"]:
+        predictions = Predictor(export, formats=(format_name,)).predict(sources)
+        assert [p.diagnosis for p in predictions] == [p.diagnosis for p in expected], format_name
+    with TestClient(create_app(export)) as client:
+        response = client.post("/predict", files=[("files", (files[0].name, files[0].read_bytes()))])
+    (served,) = response.json()["results"]
+    assert served["cancer_probability"] == pytest.approx(expected[0].cancer_probability, abs=1e-6)
+    assert served["diagnosis"] == expected[0].diagnosis
+
+
 def test_export_out_of_tolerance_fails_naming_the_format(exported_repo):
     repo, _ = exported_repo
     # Only the float TFLite model (cheap to convert), with an impossible tolerance.

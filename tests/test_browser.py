@@ -1,0 +1,85 @@
+"""The web page in a real browser: Debian's chromium, driven headless by Playwright, against the live service.
+
+Skips with the reason when chromium or Playwright is missing (.ci/run installs chromium with apt-get).
+Set CHESTCT_SCREENSHOT_DIR to keep a screenshot of the page with a result (the README's picture).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.serving_support import phantom_images, png_bytes
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Without these flags chromium keeps trying to reach Google's hosts, which a closed network refuses.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("no chromium installed (Debian: apt-get install chromium); .ci/run installs it")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (Python) is not installed")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def page(browser, live_server):
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    page = context.new_page()
+    page.goto(live_server)
+    page.wait_for_selector("#status[data-model=ready]")
+    yield page
+    context.close()
+
+
+def test_upload_a_scan_and_see_the_diagnosis_and_the_overlay(page, tmp_path):
+    scan = tmp_path / "phantom.png"
+    scan.write_bytes(png_bytes(phantom_images(count=2)[1][1]))
+    page.locator("#file-input").set_input_files(str(scan))
+    page.wait_for_selector("body[data-state=done]", timeout=60_000)
+
+    assert page.locator("#result").is_visible()
+    assert page.locator("#diagnosis").inner_text() in ("Normal", "Cancer")
+    assert "threshold" in page.locator("#probability").inner_text()
+    image = page.locator("#result-image")
+    model_input = image.get_attribute("src")
+    assert model_input.startswith("data:image/png;base64,")
+
+    toggle = page.locator("#gradcam-toggle")
+    assert toggle.is_enabled()
+    toggle.click()
+    assert toggle.get_attribute("aria-pressed") == "true"
+    overlay = image.get_attribute("src")
+    assert overlay.startswith("data:image/png;base64,") and overlay != model_input
+    assert page.evaluate("document.getElementById('result-image').naturalWidth") == 64
+
+    if os.environ.get("CHESTCT_SCREENSHOT_DIR"):
+        target = Path(os.environ["CHESTCT_SCREENSHOT_DIR"]) / "serve-page.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(target), full_page=True)
+
+
+def test_a_text_file_shows_the_servers_error(page, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    page.locator("#file-input").set_input_files(str(notes))
+    page.wait_for_selector("body[data-state=error]", timeout=30_000)
+    error = page.locator("#error")
+    assert error.is_visible()
+    assert "notes.txt: not a recognised image" in error.inner_text()
+    assert not page.locator("#result").is_visible()
+
+
+def test_the_drop_zone_is_reachable_by_keyboard(page):
+    page.keyboard.press("Tab")
+    focused = page.evaluate("document.activeElement.id")
+    assert focused == "drop-zone"
