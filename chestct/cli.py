@@ -4,6 +4,7 @@
     chestct preprocess IMAGE... --out-dir DIR [--params]  run THE preprocessing on files, save what the model sees
     chestct predict IMAGE... [--json] [--gradcam-dir DIR] diagnose files with the exported model
     chestct serve [--host --port]                        start the web service (page + JSON API)
+    chestct evaluate-external DIR --label-map F=L ...     score a labelled folder of scans, write a report
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _predict(args: argparse.Namespace) -> None:
     from chestct.predictor import Predictor, parse_format_order
 
     logging.basicConfig(level=logging.WARNING, format="chestct predict: %(message)s")
-    predictor = Predictor(args.export_dir, parse_format_order(args.formats))
+    predictor = Predictor(args.export_dir, parse_format_order(args.formats) if args.formats else None)
     gradcam = args.gradcam_dir is not None and predictor.gradcam_available
     if args.gradcam_dir is not None:
         if not gradcam:
@@ -98,8 +99,24 @@ def _serve(args: argparse.Namespace) -> None:
     from app.main import create_app
     from chestct.predictor import parse_format_order
 
-    app = create_app(args.export_dir, parse_format_order(args.formats))
+    app = create_app(args.export_dir, parse_format_order(args.formats) if args.formats else None)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+def _evaluate_external(args: argparse.Namespace) -> None:
+    import logging
+
+    from chestct.external import evaluate_external
+    from chestct.external_report import summary_lines
+    from chestct.predictor import parse_format_order
+
+    logging.basicConfig(level=logging.WARNING, format="chestct evaluate-external: %(message)s")
+    formats = parse_format_order(args.formats) if args.formats else None  # None: $CHESTCT_FORMATS or the default
+    result = evaluate_external(args.data_dir, args.label_map, export_dir=args.export_dir, formats=formats,
+                               out_dir=args.out, dedup=args.dedup, params_path=args.params,
+                               resamples=args.resamples, level=args.level, seed=args.seed,
+                               batch_size=args.batch_size)
+    print("\n".join(summary_lines(result)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +145,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     _model_options(serve)
     serve.set_defaults(run=_serve)
+
+    external = commands.add_parser(
+        "evaluate-external", help="score a labelled folder of scans (PNG, JPEG, DICOM) with the exported model",
+        description="Score every image under the mapped folders of DIR with an exported model at the threshold "
+                    "stored in its metadata, and write metrics.json (the evaluate stage's metrics with CIs), "
+                    "predictions.csv and PNGs (ROC, score histograms, Grad-CAM of the most confident errors).")
+    external.add_argument("data_dir", type=Path, metavar="DIR", help="folder holding the class folders")
+    external.add_argument("--label-map", nargs="+", required=True, metavar="FOLDER=LABEL",
+                          help='class folders (relative to DIR) and their labels, 0/normal or 1/cancer, e.g. '
+                               '"Normal cases=0" "Malignant cases=1"; folders not named are ignored and listed')
+    external.add_argument("--out", type=Path, default=None,
+                          help="report folder (default: reports/external/<DIR's name>); replaced as a whole")
+    external.add_argument("--dedup", action="store_true",
+                          help="score each distinct file content once; contents under both labels are left out")
+    external.add_argument("--params", type=Path, default=None,
+                          help="params file for evaluate.bootstrap_resamples, evaluate.confidence_level, "
+                               "evaluate.gradcam_images and seed (default: ./params.yaml when present)")
+    external.add_argument("--resamples", type=int, default=None, help="bootstrap resamples (overrides params)")
+    external.add_argument("--level", type=float, default=None, help="confidence level (overrides params)")
+    external.add_argument("--seed", type=int, default=None, help="bootstrap and cross-validation seed")
+    external.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
+    _model_options(external)
+    external.set_defaults(run=_evaluate_external)
     return parser
 
 

@@ -45,19 +45,20 @@ def write_plot_data(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarray
 
 
 def roc_png(path: Path, band: dict, curves: dict[str, tuple[np.ndarray, np.ndarray]], metrics: dict,
-            threshold: float) -> None:
-    """Test ROC with its bootstrap band, the validation ROC, and the operating point chosen on validation."""
+            threshold: float, primary: str = "test") -> None:
+    """The `primary` set's ROC with its bootstrap band, other curves (validation), and the operating point
+    chosen on validation."""
     figure = Figure(figsize=(5.6, 5.2))
     axis = figure.subplots()
     axis.fill_between(band["fpr"], band["tpr_low"], band["tpr_high"], color="tab:blue", alpha=0.2,
-                      label=f"test {band.get('level', 0.95):.0%} bootstrap band")
+                      label=f"{primary} {band.get('level', 0.95):.0%} bootstrap band")
     for split, (labels, scores) in curves.items():
         fpr, tpr, _ = roc_curve(labels, scores)
         auc = metrics[split]["auc"]
         ci = metrics[split]["auc_ci"]
         label = f"{split}: AUC {auc:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-        axis.plot(fpr, tpr, color="tab:blue" if split == "test" else "tab:orange", label=label)
-    test = metrics["test"]
+        axis.plot(fpr, tpr, color="tab:blue" if split == primary else "tab:orange", label=label)
+    test = metrics[primary]
     axis.plot(1 - test["specificity"], test["sensitivity"], "o", color="black", markersize=8,
               label=f"operating point (t={threshold:.3f}): sens {test['sensitivity']:.3f}, "
                     f"spec {test['specificity']:.3f}")
@@ -69,7 +70,8 @@ def roc_png(path: Path, band: dict, curves: dict[str, tuple[np.ndarray, np.ndarr
     _save(figure, path)
 
 
-def score_histogram_png(path: Path, labels: np.ndarray, scores: np.ndarray, threshold: float) -> None:
+def score_histogram_png(path: Path, labels: np.ndarray, scores: np.ndarray, threshold: float,
+                        set_name: str = "test") -> None:
     figure = Figure(figsize=(6.4, 3.8))
     axis = figure.subplots()
     bins = np.linspace(0, 1, 41)
@@ -77,8 +79,8 @@ def score_histogram_png(path: Path, labels: np.ndarray, scores: np.ndarray, thre
         axis.hist(scores[labels == label], bins=bins, alpha=0.6, label=f"{name} (n={int((labels == label).sum())})")
     axis.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3f}")
     axis.set_xlabel("predicted cancer probability")
-    axis.set_ylabel("test images")
-    axis.set_title("Test scores per class")
+    axis.set_ylabel(f"{set_name} images")
+    axis.set_title(f"{set_name.capitalize()} scores per class")
     axis.legend()
     _save(figure, path)
 
@@ -112,7 +114,8 @@ def calibration_png(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]]
     _save(figure, path)
 
 
-def gradcam_grid_png(path: Path, tiles: list[tuple[np.ndarray, str]], columns: int = 4) -> None:
+def gradcam_grid_png(path: Path, tiles: list[tuple[np.ndarray, str]], columns: int = 4,
+                     title: str = "Grad-CAM on test images (TP/FP/TN/FN at the validation threshold)") -> None:
     """Overlays (S, S, 3) uint8 with a caption each, e.g. 'TP p=0.97'."""
     rows = max(1, int(np.ceil(len(tiles) / columns)))
     figure = Figure(figsize=(columns * 2.4, rows * 2.6))
@@ -122,5 +125,5 @@ def gradcam_grid_png(path: Path, tiles: list[tuple[np.ndarray, str]], columns: i
     for axis, (image, caption) in zip(axes, tiles, strict=False):
         axis.imshow(image)
         axis.set_title(caption, fontsize=8)
-    figure.suptitle("Grad-CAM on test images (TP/FP/TN/FN at the validation threshold)")
+    figure.suptitle(title)
     _save(figure, path)

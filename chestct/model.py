@@ -173,9 +173,11 @@ class ChannelAttention(layers.Layer):
     def build(self, input_shape):
         channels = int(input_shape[-1])
         # Sub-layers are created here, once C is known; assigning them to attributes makes Keras track,
-        # train and save their weights.
-        self.squeeze = layers.Dense(max(1, channels // self.ratio), activation="relu", name="squeeze")
-        self.excite = layers.Dense(channels, activation="sigmoid", name="excite")
+        # train and save their weights. They take this layer's dtype policy, not the global one: a model
+        # trained under mixed precision is reloaded (export, serving) where the global policy is float32.
+        self.squeeze = layers.Dense(max(1, channels // self.ratio), activation="relu", name="squeeze",
+                                    dtype=self.dtype_policy)
+        self.excite = layers.Dense(channels, activation="sigmoid", name="excite", dtype=self.dtype_policy)
         self.squeeze.build((None, channels))
         self.excite.build((None, self.squeeze.units))
 
@@ -199,7 +201,8 @@ class SpatialAttention(layers.Layer):
         self.kernel_size = int(kernel_size)
 
     def build(self, input_shape):
-        self.conv = layers.Conv2D(1, self.kernel_size, padding="same", activation="sigmoid", name="conv")
+        self.conv = layers.Conv2D(1, self.kernel_size, padding="same", activation="sigmoid", name="conv",
+                                  dtype=self.dtype_policy)  # this layer's policy (see ChannelAttention.build)
         self.conv.build((*input_shape[:-1], 2))
 
     def call(self, inputs):
@@ -302,6 +305,38 @@ def unfreeze_for_finetuning(model: keras.Model, params: ModelParams) -> int:
         if is_batchnorm and layer.trainable:
             layer.momentum = params.backbone_batchnorm.momentum
     return sum(layer.trainable for layer in computing)
+
+
+# --- precision --------------------------------------------------------------------------------------------
+
+
+def _with_float32_policies(config):
+    """A model config with every layer's dtype policy replaced by float32 (the variables are float32 already)."""
+    if isinstance(config, dict):
+        if config.get("class_name") == "DTypePolicy":
+            return "float32"
+        return {key: _with_float32_policies(value) for key, value in config.items()}
+    if isinstance(config, list):
+        return [_with_float32_policies(value) for value in config]
+    return config
+
+
+def compute_dtypes(model: keras.Model) -> set[str]:
+    return {layer.compute_dtype for layer in model._flatten_layers(include_self=False)}
+
+
+def float32_copy(model: keras.Model) -> keras.Model:
+    """The same model computing in float32 everywhere: what is exported after mixed-precision training.
+
+    Mixed policies keep float32 variables, so the weights copy over unchanged; only the arithmetic changes.
+    TFLite cannot convert bfloat16 graphs, and a float32 graph runs everywhere. Returns `model` itself when
+    it already computes in float32.
+    """
+    if compute_dtypes(model) <= {"float32"}:
+        return model
+    copy = model.__class__.from_config(_with_float32_policies(model.get_config()))
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 # --- Grad-CAM ---------------------------------------------------------------------------------------------

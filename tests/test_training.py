@@ -40,10 +40,19 @@ def test_single_class_validation_is_refused():
         _check_validation(_arrays([1, 1, 1]))
 
 
-def test_precision_choice():
+def test_precision_choice(monkeypatch):
+    import chestct.training as training
+
     assert resolve_precision("float32") == "float32"
     assert resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
-    assert resolve_precision("auto") in {"float32", "mixed_bfloat16", "mixed_float16"}
+    # auto: float16 on a GPU, bfloat16 on a CPU with bfloat16 instructions, else float32
+    monkeypatch.setattr(training.tf.config, "list_physical_devices", lambda kind=None: [])
+    monkeypatch.setattr(training, "cpu_supports_bfloat16", lambda: True)
+    assert resolve_precision("auto") == "mixed_bfloat16"
+    monkeypatch.setattr(training, "cpu_supports_bfloat16", lambda: False)
+    assert resolve_precision("auto") == "float32"
+    monkeypatch.setattr(training.tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"])
+    assert resolve_precision("auto") == "mixed_float16"
 
 
 def test_mirrored_strategy_runs_on_a_cpu_only_machine():
