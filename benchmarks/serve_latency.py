@@ -57,18 +57,12 @@ def _percentiles(milliseconds: list[float]) -> tuple[float, float]:
     return float(np.percentile(milliseconds, 50)), float(np.percentile(milliseconds, 95))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _http_latencies(export_dir: Path, format_name: str, image: bytes, requests: int) -> list[float]:
     import httpx
 
-    port = _free_port()
+    from tests.serving_support import free_port
+
+    port = free_port()
     command = [sys.executable, "-m", "chestct.cli", "serve", "--port", str(port), "--export-dir", str(export_dir),
                "--formats", format_name]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -55,6 +55,13 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
                              "keras,h5,savedmodel,tflite_float32,tflite_dynamic)")
 
 
+def _format_order(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """--formats as a tuple; None when absent, so the Predictor falls back to $CHESTCT_FORMATS or the default."""
+    from chestct.predictor import parse_format_order
+
+    return parse_format_order(args.formats) if args.formats else None
+
+
 def _predict(args: argparse.Namespace) -> None:
     import json
     import logging
@@ -62,10 +69,10 @@ def _predict(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from chestct.gradcam import overlay
-    from chestct.predictor import Predictor, parse_format_order
+    from chestct.predictor import Predictor
 
     logging.basicConfig(level=logging.WARNING, format="chestct predict: %(message)s")
-    predictor = Predictor(args.export_dir, parse_format_order(args.formats) if args.formats else None)
+    predictor = Predictor(args.export_dir, _format_order(args))
     gradcam = args.gradcam_dir is not None and predictor.gradcam_available
     if args.gradcam_dir is not None:
         if not gradcam:
@@ -97,9 +104,8 @@ def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from app.main import create_app
-    from chestct.predictor import parse_format_order
 
-    app = create_app(args.export_dir, parse_format_order(args.formats) if args.formats else None)
+    app = create_app(args.export_dir, _format_order(args))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
@@ -108,11 +114,9 @@ def _evaluate_external(args: argparse.Namespace) -> None:
 
     from chestct.external import evaluate_external
     from chestct.external_report import summary_lines
-    from chestct.predictor import parse_format_order
 
     logging.basicConfig(level=logging.WARNING, format="chestct evaluate-external: %(message)s")
-    formats = parse_format_order(args.formats) if args.formats else None  # None: $CHESTCT_FORMATS or the default
-    result = evaluate_external(args.data_dir, args.label_map, export_dir=args.export_dir, formats=formats,
+    result = evaluate_external(args.data_dir, args.label_map, export_dir=args.export_dir, formats=_format_order(args),
                                out_dir=args.out, dedup=args.dedup, params_path=args.params,
                                resamples=args.resamples, level=args.level, seed=args.seed,
                                batch_size=args.batch_size)

@@ -28,8 +28,10 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def precision_report(trained, exported, images: np.ndarray, compute_dtypes) -> dict:
+def precision_report(trained, exported, images: np.ndarray) -> dict:
     """Which arithmetic training used and the export uses, and how far apart their probabilities are."""
+    from chestct.model import compute_dtypes
+
     report = {"trained": sorted(compute_dtypes(trained)), "exported": sorted(compute_dtypes(exported))}
     if exported is not trained:
         difference = np.abs(trained.predict(images, verbose=0) - exported.predict(images, verbose=0))
@@ -41,7 +43,6 @@ def precision_report(trained, exported, images: np.ndarray, compute_dtypes) -> d
 
 def main() -> None:
     from chestct.export import (
-        artifact_digest,
         check_parity,
         parity_report,
         planned_formats,
@@ -49,7 +50,7 @@ def main() -> None:
         write_artifacts,
         write_metadata_files,
     )
-    from chestct.model import compute_dtypes, float32_copy
+    from chestct.model import float32_copy
     from chestct.training import load_trained_model
 
     params = load_params()
@@ -58,10 +59,13 @@ def main() -> None:
     trained = load_trained_model(MODEL)
     model = float32_copy(trained)  # after mixed-precision training: the same weights, float32 arithmetic
     formats, skipped = planned_formats(params.export, params.model.backbone)
-    precision = precision_report(trained, model, test.images, compute_dtypes)
+    precision = precision_report(trained, model, test.images)
 
     with atomic_path(EXPORT) as folder, tempfile.TemporaryDirectory() as scratch:
         paths = write_artifacts(model, folder, formats)
+        # Hashes every artifact once; if parity fails below, the whole folder is discarded with it.
+        artifacts = write_metadata_files(folder, params, threshold, paths, skipped, test.image_size,
+                                         _read_json(EVAL_METRICS), _read_json(DATA_METRICS))["artifacts"]
         images_file = Path(scratch) / "test_images.npy"
         np.save(images_file, test.images)
         reference_model = MODEL
@@ -72,7 +76,7 @@ def main() -> None:
         reports, latency = {}, {}
         for name, path in paths.items():
             run = run_in_fresh_process(name, path, images_file, params.export.latency_runs)
-            _, size = artifact_digest(path)
+            size = artifacts[name]["bytes"]
             reports[name] = parity_report(reference, run["scores"], threshold["threshold"], name, params.export)
             reports[name]["bytes"] = size
             latency[name] = {"median_ms": float(np.median(run["latency_ms"])),
@@ -81,8 +85,6 @@ def main() -> None:
                   f"agreement {reports[name]['decision_agreement']:.4f}  "
                   f"latency {latency[name]['median_ms']:.1f} ms", flush=True)
         check_parity(reports)  # raises before the folder is moved into place: nothing half-exported
-        write_metadata_files(folder, params, threshold, paths, skipped, test.image_size,
-                             _read_json(EVAL_METRICS), _read_json(DATA_METRICS))
     write_json(METRICS, {"test_images": len(test), "formats": reports, "skipped": skipped, "precision": precision})
     write_json(LATENCY, {"single_image_runs": params.export.latency_runs, "formats": latency})
     print(f"export: {len(paths)} formats -> {EXPORT}; parity checked on {len(test)} test images")
