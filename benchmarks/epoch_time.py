@@ -1,17 +1,25 @@
 """Seconds per training epoch: each precision policy through the project's loop, and a naive loop, side by side.
 
     python -m benchmarks.epoch_time [--real ../shared/data/chest-ctscan-images] [--precisions float32,mixed_bfloat16]
-                                    [--steps 75] [--skip-naive]
+                                    [--steps 75] [--skip-naive] [--skip-onednn-off]
 
-The default configuration (params.yaml: DenseNet121, its image size, batch 16, 75 steps an epoch) with
-`model.weights: null`. For each precision it builds the model, runs a 2-step warm-up (graph tracing), then times
-one phase-1 epoch (backbone frozen) and one phase-2 epoch (`model.unfreeze`), each split into training (the
-project's tf.data pipeline: balanced batches, augmentation and MixUp in parallel maps, prefetch) and validation
-(every validation image once, batched, no augmentation: what `ValidationAUC` does).
+The default configuration (params.yaml: DenseNet121, its image size, batch 16, 75 steps an epoch, op
+determinism as `train.deterministic` says) with `model.weights: null`. Each row runs in its own process (the
+oneDNN switch is read when TensorFlow loads; the precision policy is global): it builds the model, runs a 2-step
+warm-up (graph tracing), then times one phase-1 epoch (backbone frozen) and one phase-2 epoch (`model.unfreeze`),
+each split into training (the project's tf.data pipeline: balanced batches, augmentation and MixUp in parallel
+maps, prefetch) and validation (every validation image once, batched, no augmentation: what `ValidationAUC` does).
 
-The naive loop is the same model in float32 fed the way the original project did: a single-threaded Python
-generator that augments each image with PIL and scipy, and validation on 1,200 images resampled from the
-validation split. Ratios are measured in one run on one machine; absolute seconds vary with its load.
+Rows:
+- `project <precision>`: the project as `dvc repro` runs it, oneDNN kernels on (chestct turns them on).
+- `project float32, oneDNN off`: the same with TensorFlow's oneDNN kernels off, which is TensorFlow's own
+  default on CPUs without AVX512 neural-network extensions; it separates what oneDNN brings from what the loop
+  brings.
+- `naive loop`: the same model in float32, oneDNN off, fed the way the original project did: a single-threaded
+  Python generator that augments each image with PIL and scipy, and validation on 1,200 images resampled from
+  the validation split.
+
+Ratios are measured in one run on one machine; absolute seconds vary with its load.
 
 Images: `--real DIR` preprocesses the Kaggle train/valid folders with `chestct.imaging`; otherwise random
 images of the same size and count (613 train, 72 valid).
@@ -20,6 +28,11 @@ images of the same size and count (613 train, 72 valid).
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,14 +88,13 @@ def _timed_validation(model, valid, batch_size: int) -> tuple[float, float]:
 
 
 def project_epochs(params, precision: str, train, valid, steps: int) -> dict:
-    import keras
 
     from chestct.input_pipeline import training_dataset, validation_dataset
     from chestct.model import build_model, unfreeze_for_finetuning
-    from chestct.training import compile_for_phase, configure_precision
+    from chestct.training import compile_for_phase, configure_determinism, configure_precision
 
     policy = configure_precision(precision)
-    keras.utils.set_random_seed(params.seed)
+    configure_determinism(params.seed, params.train.deterministic)
     model = build_model(params.model, train.image_size)
     dataset = training_dataset(train, params.augment, params.train, params.seed).repeat()
     results = {"policy": policy}
@@ -96,7 +108,6 @@ def project_epochs(params, precision: str, train, valid, steps: int) -> dict:
         valid_s, auc = _timed_validation(model, valid, params.train.validation_batch_size)
         results[phase] = {"train_s": train_s, "valid_s": valid_s, "auc": auc,
                           "img_s": steps * params.train.batch_size / train_s}
-    keras.mixed_precision.set_global_policy("float32")
     return results
 
 
@@ -158,12 +169,63 @@ def naive_epochs(params, train, valid, steps: int, resampled: int = 1200) -> dic
     return results
 
 
+# --- one row per process -----------------------------------------------------------------------------------
+
+
+def _benchmark_params():
+    from chestct.params import load_params
+
+    params = load_params()
+    return params.model_copy(update={"model": params.model.model_copy(update={"weights": None})})
+
+
+def _save_splits(path: Path, train, valid) -> None:
+    np.savez(path, **{f"{split}_{key}": getattr(arrays, key)
+                      for split, arrays in (("train", train), ("valid", valid))
+                      for key in ("images", "labels", "subtypes", "ids")})
+
+
+def _load_splits(path: Path) -> tuple:
+    from chestct.input_pipeline import SplitArrays
+
+    with np.load(path) as npz:
+        return tuple(SplitArrays(**{key: npz[f"{split}_{key}"] for key in ("images", "labels", "subtypes", "ids")})
+                     for split in ("train", "valid"))
+
+
+def worker(loop: str, precision: str, splits: Path, steps: int, result_path: Path) -> None:
+    """Run one row in this process and write its figures to `result_path`."""
+    from chestct.training import onednn_enabled
+
+    params = _benchmark_params()
+    train, valid = _load_splits(splits)
+    if loop == "naive":
+        result = naive_epochs(params, train, valid, steps)
+    else:
+        result = project_epochs(params, precision, train, valid, steps)
+    result["onednn"] = onednn_enabled()
+    result_path.write_text(json.dumps(result))
+
+
+def run_row(name: str, loop: str, precision: str, onednn: bool, splits: Path, steps: int) -> dict:
+    """Run one row in a fresh Python process, with TensorFlow's oneDNN switch set before it loads."""
+    result_path = splits.with_name(f"{name.replace(' ', '_').replace(',', '')}.json")
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1" if onednn else "0"}
+    print(f"-- {name}", flush=True)
+    subprocess.run([sys.executable, "-m", "benchmarks.epoch_time", "--worker", loop, "--precisions", precision,
+                    "--splits", str(splits), "--steps", str(steps), "--result", str(result_path)],
+                   env=env, check=True)
+    result = json.loads(result_path.read_text())
+    print(f"{name}: {result}", flush=True)
+    return result
+
+
 # --- report ---------------------------------------------------------------------------------------------------
 
 
 def _print_table(rows: dict[str, dict], reference: str) -> None:
-    print(f"\n{'loop':<26}{'phase':<8}{'train s':>9}{'valid s':>9}{'epoch s':>9}{'img/s':>8}"
-          f"{'vs float32':>11}{'naive/this':>11}")
+    print(f"\n{'loop':<30}{'oneDNN':>7}  {'phase':<8}{'train s':>9}{'valid s':>9}{'epoch s':>9}{'img/s':>8}"
+          f"{'val AUC':>9}{'vs float32':>11}{'naive/this':>11}")
     for phase in ("phase1", "phase2"):
         base = rows[reference][phase]["train_s"] + rows[reference][phase]["valid_s"]
         naive = rows.get("naive loop")
@@ -172,8 +234,9 @@ def _print_table(rows: dict[str, dict], reference: str) -> None:
             r = result[phase]
             epoch = r["train_s"] + r["valid_s"]
             speedup = f"{naive_epoch / epoch:>11.2f}" if naive_epoch else f"{'':>11}"
-            print(f"{name:<26}{phase:<8}{r['train_s']:>9.1f}{r['valid_s']:>9.1f}{epoch:>9.1f}{r['img_s']:>8.1f}"
-                  f"{base / epoch:>11.2f}{speedup}")
+            onednn = "on" if result["onednn"] else "off"
+            print(f"{name:<30}{onednn:>7}  {phase:<8}{r['train_s']:>9.1f}{r['valid_s']:>9.1f}{epoch:>9.1f}"
+                  f"{r['img_s']:>8.1f}{r['auc']:>9.3f}{base / epoch:>11.2f}{speedup}")
 
 
 def main() -> None:
@@ -182,12 +245,16 @@ def main() -> None:
     parser.add_argument("--precisions", default="float32,mixed_bfloat16,mixed_float16")
     parser.add_argument("--steps", type=int, default=None, help="steps an epoch (default: train.steps_per_epoch)")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--skip-onednn-off", action="store_true", help="no `project float32, oneDNN off` row")
+    parser.add_argument("--worker", choices=("project", "naive"), help=argparse.SUPPRESS)
+    parser.add_argument("--splits", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.precisions, args.splits, args.steps, args.result)
+        return
 
-    from chestct.params import load_params
-
-    params = load_params()
-    params = params.model_copy(update={"model": params.model.model_copy(update={"weights": None})})
+    params = _benchmark_params()
     steps = args.steps or params.train.steps_per_epoch
     size = params.preprocess.image_size
     if args.real:
@@ -197,14 +264,16 @@ def main() -> None:
     print(f"{params.model.backbone} at {size} px, weights null, batch {params.train.batch_size}, {steps} steps an "
           f"epoch; {len(train.images)} train / {len(valid.images)} valid images ({source})", flush=True)
 
-    rows = {}
-    for precision in args.precisions.split(","):
-        rows[f"project {precision}"] = project_epochs(params, precision, train, valid, steps)
-        print(f"project {precision}: {rows[f'project {precision}']}", flush=True)
+    plan = [(f"project {precision}", "project", precision, True) for precision in args.precisions.split(",")]
+    if not args.skip_onednn_off:
+        plan.append(("project float32, oneDNN off", "project", "float32", False))
     if not args.skip_naive:
-        rows["naive loop"] = naive_epochs(params, train, valid, steps)
-        print(f"naive loop: {rows['naive loop']}", flush=True)
-    _print_table(rows, reference=next(iter(rows)))
+        plan.append(("naive loop", "naive", "float32", False))
+    with tempfile.TemporaryDirectory(prefix="chestct-epoch-time-") as scratch:
+        splits = Path(scratch) / "splits.npz"
+        _save_splits(splits, train, valid)
+        rows = {name: run_row(name, loop, precision, onednn, splits, steps) for name, loop, precision, onednn in plan}
+    _print_table(rows, reference=plan[0][0])
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ mode='max' set explicitly. The best model by that AUC is what the phase writes.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -60,6 +61,11 @@ def configure_precision(precision: str) -> str:
     policy = resolve_precision(precision)
     keras.mixed_precision.set_global_policy(policy)
     return policy
+
+
+def onednn_enabled() -> bool:
+    """Whether TensorFlow runs its oneDNN kernels (chestct turns them on unless TF_ENABLE_ONEDNN_OPTS says 0)."""
+    return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower() in ("1", "true")
 
 
 def make_strategy(distribute: str) -> tf.distribute.Strategy:
@@ -203,6 +209,11 @@ class TrainingSetup:
     valid: SplitArrays
     strategy: tf.distribute.Strategy
     precision: str
+
+    def describe(self) -> str:
+        kernels = "oneDNN" if onednn_enabled() else "Eigen (oneDNN off)"
+        return (f"precision {self.precision}, {kernels} kernels, {self.strategy.num_replicas_in_sync} replica(s); "
+                f"train {len(self.train)}, valid {len(self.valid)}")
 
 
 def prepare_training(params: Params, processed_dir: Path) -> TrainingSetup:

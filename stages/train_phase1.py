@@ -29,9 +29,7 @@ def main() -> None:
         model = build_model(params.model, setup.train.image_size)
         loss = compile_for_phase(model, params, params.train.phase1)
     print(f"phase1: {params.model.backbone} (weights {params.model.weights}) at {setup.train.image_size} px, "
-          f"{count_trainable_parameters(model):,} trainable parameters, precision {setup.precision}, "
-          f"{setup.strategy.num_replicas_in_sync} replica(s); train {len(setup.train)}, valid {len(setup.valid)}",
-          flush=True)
+          f"{count_trainable_parameters(model):,} trainable parameters, {setup.describe()}", flush=True)
     result = train_phase(model, loss, setup.train, setup.valid, params, params.train.phase1, "phase1", MODEL, LIVE)
     save_phase_metrics(METRICS, result, model)
     print(f"phase1: best validation AUC {result.best_val_auc:.4f} at epoch {result.best_epoch} "

@@ -32,7 +32,7 @@ def main() -> None:
         unfrozen = unfreeze_for_finetuning(model, params.model)
         loss = compile_for_phase(model, params, params.train.phase2)
     print(f"phase2: {unfrozen} backbone layers unfrozen, {count_trainable_parameters(model):,} trainable "
-          f"parameters, precision {setup.precision}", flush=True)
+          f"parameters, {setup.describe()}", flush=True)
     result = train_phase(model, loss, setup.train, setup.valid, params, params.train.phase2, "phase2", MODEL, LIVE,
                          seed_offset=1)
     save_phase_metrics(METRICS, result, model, unfrozen_backbone_layers=unfrozen)

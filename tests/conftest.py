@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import chestct  # noqa: F401  (sets TensorFlow's runtime options, before any test module imports it)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
