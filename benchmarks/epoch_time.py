@@ -180,16 +180,18 @@ def _benchmark_params():
 
 
 def _save_splits(path: Path, train, valid) -> None:
+    from chestct.input_pipeline import ARRAY_KEYS
+
     np.savez(path, **{f"{split}_{key}": getattr(arrays, key)
                       for split, arrays in (("train", train), ("valid", valid))
-                      for key in ("images", "labels", "subtypes", "ids")})
+                      for key in ARRAY_KEYS})
 
 
 def _load_splits(path: Path) -> tuple:
-    from chestct.input_pipeline import SplitArrays
+    from chestct.input_pipeline import ARRAY_KEYS, SplitArrays
 
     with np.load(path) as npz:
-        return tuple(SplitArrays(**{key: npz[f"{split}_{key}"] for key in ("images", "labels", "subtypes", "ids")})
+        return tuple(SplitArrays(**{key: npz[f"{split}_{key}"] for key in ARRAY_KEYS})
                      for split in ("train", "valid"))
 
 
