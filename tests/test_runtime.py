@@ -12,7 +12,7 @@ PROBE = ("import chestct, tensorflow; from tensorflow.python.util import _pywrap
          "from chestct.training import onednn_enabled; print(port.IsMklEnabled(), onednn_enabled())")
 
 
-def _probe(setting: str | None) -> str:
+def _probe(setting: str | None) -> list[str]:
     env = {key: value for key, value in os.environ.items() if key != "TF_ENABLE_ONEDNN_OPTS"}
     if setting is not None:
         env["TF_ENABLE_ONEDNN_OPTS"] = setting
