@@ -88,7 +88,6 @@ def _timed_validation(model, valid, batch_size: int) -> tuple[float, float]:
 
 
 def project_epochs(params, precision: str, train, valid, steps: int) -> dict:
-
     from chestct.input_pipeline import training_dataset, validation_dataset
     from chestct.model import build_model, unfreeze_for_finetuning
     from chestct.training import compile_for_phase, configure_determinism, configure_precision
@@ -179,28 +178,22 @@ def _benchmark_params():
     return params.model_copy(update={"model": params.model.model_copy(update={"weights": None})})
 
 
-def _save_splits(path: Path, train, valid) -> None:
+def _save_splits(folder: Path, train, valid) -> None:
+    """Write the images as the preprocess stage does (`<split>.npz`), for the row processes to load."""
     from chestct.input_pipeline import ARRAY_KEYS
+    from chestct.processed import save_processed
 
-    np.savez(path, **{f"{split}_{key}": getattr(arrays, key)
-                      for split, arrays in (("train", train), ("valid", valid))
-                      for key in ARRAY_KEYS})
-
-
-def _load_splits(path: Path) -> tuple:
-    from chestct.input_pipeline import ARRAY_KEYS, SplitArrays
-
-    with np.load(path) as npz:
-        return tuple(SplitArrays(**{key: npz[f"{split}_{key}"] for key in ARRAY_KEYS})
-                     for split in ("train", "valid"))
+    save_processed(folder, {split: {key: getattr(arrays, key) for key in ARRAY_KEYS}
+                            for split, arrays in (("train", train), ("valid", valid))})
 
 
 def worker(loop: str, precision: str, splits: Path, steps: int, result_path: Path) -> None:
     """Run one row in this process and write its figures to `result_path`."""
+    from chestct.input_pipeline import load_split
     from chestct.training import onednn_enabled
 
     params = _benchmark_params()
-    train, valid = _load_splits(splits)
+    train, valid = (load_split(splits / f"{split}.npz") for split in ("train", "valid"))
     if loop == "naive":
         result = naive_epochs(params, train, valid, steps)
     else:
@@ -272,7 +265,7 @@ def main() -> None:
     if not args.skip_naive:
         plan.append(("naive loop", "naive", "float32", False))
     with tempfile.TemporaryDirectory(prefix="chestct-epoch-time-") as scratch:
-        splits = Path(scratch) / "splits.npz"
+        splits = Path(scratch) / "processed"
         _save_splits(splits, train, valid)
         rows = {name: run_row(name, loop, precision, onednn, splits, steps) for name, loop, precision, onednn in plan}
     _print_table(rows, reference=plan[0][0])
