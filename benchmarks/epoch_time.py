@@ -40,9 +40,9 @@ import numpy as np
 
 
 def _load_real(root: Path, params) -> tuple:
-    from chestct.dataset import list_image_files
-    from chestct.imaging import preprocess_image
-    from chestct.input_pipeline import SplitArrays
+    from chestct.data.records import list_image_files
+    from chestct.imaging.preprocess import preprocess_image
+    from chestct.imaging.processed import SplitArrays
     from chestct.labels import label_of_subtype, subtype_of_folder
 
     data = root / "Data" if (root / "Data").is_dir() else root
@@ -59,7 +59,7 @@ def _load_real(root: Path, params) -> tuple:
 
 
 def _random_split(count: int, size: int, seed: int):
-    from chestct.input_pipeline import SplitArrays
+    from chestct.imaging.processed import SplitArrays
 
     rng = np.random.default_rng(seed)
     labels = (np.arange(count) % 4 != 0).astype(np.int64)  # about the real 1:3 Normal:Cancer ratio
@@ -77,8 +77,8 @@ def _timed_fit(model, dataset, steps: int) -> float:
 
 
 def _timed_validation(model, valid, batch_size: int) -> tuple[float, float]:
-    from chestct.input_pipeline import validation_dataset
-    from chestct.training import exact_auc
+    from chestct.training.input_pipeline import validation_dataset
+    from chestct.training.loop import exact_auc
 
     dataset = validation_dataset(valid, batch_size)
     started = time.perf_counter()
@@ -88,9 +88,9 @@ def _timed_validation(model, valid, batch_size: int) -> tuple[float, float]:
 
 
 def project_epochs(params, precision: str, train, valid, steps: int) -> dict:
-    from chestct.input_pipeline import training_dataset, validation_dataset
-    from chestct.model import build_model, unfreeze_for_finetuning
-    from chestct.training import compile_for_phase, configure_determinism, configure_precision
+    from chestct.training.input_pipeline import training_dataset, validation_dataset
+    from chestct.training.loop import compile_for_phase, configure_determinism, configure_precision
+    from chestct.training.model import build_model, unfreeze_for_finetuning
 
     policy = configure_precision(precision)
     configure_determinism(params.seed, params.train.deterministic)
@@ -141,8 +141,8 @@ def _naive_batches(train, batch_size: int, seed: int):
 def naive_epochs(params, train, valid, steps: int, resampled: int = 1200) -> dict:
     import keras
 
-    from chestct.model import build_model, unfreeze_for_finetuning
-    from chestct.training import compile_for_phase, configure_precision, exact_auc
+    from chestct.training.loop import compile_for_phase, configure_precision, exact_auc
+    from chestct.training.model import build_model, unfreeze_for_finetuning
 
     configure_precision("float32")
     keras.utils.set_random_seed(params.seed)
@@ -180,8 +180,7 @@ def _benchmark_params():
 
 def _save_splits(folder: Path, train, valid) -> None:
     """Write the images as the preprocess stage does (`<split>.npz`), for the row processes to load."""
-    from chestct.input_pipeline import ARRAY_KEYS
-    from chestct.processed import save_processed
+    from chestct.imaging.processed import ARRAY_KEYS, save_processed
 
     save_processed(folder, {split: {key: getattr(arrays, key) for key in ARRAY_KEYS}
                             for split, arrays in (("train", train), ("valid", valid))})
@@ -189,8 +188,8 @@ def _save_splits(folder: Path, train, valid) -> None:
 
 def worker(loop: str, precision: str, splits: Path, steps: int, result_path: Path) -> None:
     """Run one row in this process and write its figures to `result_path`."""
-    from chestct.input_pipeline import load_split
-    from chestct.training import onednn_enabled
+    from chestct.imaging.processed import load_split
+    from chestct.training.loop import onednn_enabled
 
     params = _benchmark_params()
     train, valid = (load_split(splits / f"{split}.npz") for split in ("train", "valid"))

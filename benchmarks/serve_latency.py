@@ -27,26 +27,33 @@ import numpy as np
 def _default_export(folder: Path) -> Path:
     import keras
 
-    from chestct.export import planned_formats, write_artifacts, write_metadata_files
-    from chestct.model import build_model
+    from chestct.export.formats import planned_formats, write_artifacts
+    from chestct.export.writer import write_metadata_files
     from chestct.params import load_params
+    from chestct.training.backbones import backbone_spec
+    from chestct.training.model import build_model
 
     params = load_params()
     params = params.model_copy(update={"model": params.model.model_copy(update={"weights": None})})
     size = params.preprocess.image_size
     print(f"building a {params.model.backbone} export at {size} px with random weights in {folder} ...", flush=True)
     keras.utils.set_random_seed(0)
-    formats, skipped = planned_formats(params.export, params.model.backbone)
+    backbone = backbone_spec(params.model.backbone)
+    formats, skipped = planned_formats(params.export.formats, backbone.legacy_h5, backbone.name)
     paths = write_artifacts(build_model(params.model, size), folder, formats)
-    write_metadata_files(folder, params, {"threshold": 0.5, "method": "fixed", "chosen_on": "none (benchmark)"},
-                         paths, skipped, size, None, None)
+    settings = params.evaluate
+    threshold = {"threshold": 0.5, "method": "fixed", "chosen_on": "none (benchmark)",
+                 "settings": {"confidence_level": settings.confidence_level, "seed": params.seed,
+                              "bootstrap_resamples": settings.bootstrap_resamples,
+                              "gradcam_images": settings.gradcam_images, "histogram_bins": settings.histogram_bins}}
+    write_metadata_files(folder, params, threshold, paths, skipped, size, None, None)
     return folder
 
 
 def _phantom_png(size: int = 512) -> bytes:
     from PIL import Image
 
-    from chestct.phantom import render_phantom
+    from chestct.data.phantoms import render_phantom
 
     buffer = io.BytesIO()
     Image.fromarray(render_phantom(np.random.default_rng(0), (size, size), 1)).save(buffer, format="PNG")
@@ -94,7 +101,7 @@ def _http_latencies(export_dir: Path, format_name: str, image: bytes, requests: 
 
 
 def _direct_latencies(export_dir: Path, format_name: str, image: bytes, requests: int) -> list[float]:
-    from chestct.predictor import Predictor
+    from chestct.serving.predictor import Predictor
 
     predictor = Predictor(export_dir, formats=(format_name,))
     timings = []

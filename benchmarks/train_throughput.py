@@ -20,7 +20,7 @@ import numpy as np
 
 
 def _arrays(processed: Path, size: int, count: int = 256):
-    from chestct.input_pipeline import SplitArrays, load_split
+    from chestct.imaging.processed import SplitArrays, load_split
 
     path = processed / "train.npz"
     if path.exists():
@@ -56,10 +56,10 @@ def main() -> None:
 
     import tensorflow as tf
 
-    from chestct.input_pipeline import training_dataset
-    from chestct.model import build_model, unfreeze_for_finetuning
     from chestct.params import load_params
-    from chestct.training import compile_for_phase
+    from chestct.training.input_pipeline import training_dataset
+    from chestct.training.loop import compile_for_phase
+    from chestct.training.model import build_model, unfreeze_for_finetuning
 
     params = load_params(args.params)
     model_params = params.model.model_copy(update={"backbone": args.backbone, "weights": None})

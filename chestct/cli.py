@@ -16,11 +16,37 @@ from pathlib import Path
 import yaml
 
 from chestct.errors import ChestctError
-from chestct.params import DEFAULT_PARAMS_FILE, load_params
+from chestct.export.formats import FORMAT_ORDER, export_format
+from chestct.params import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params
+from chestct.training.backbones import BACKBONES, backbone_spec
+
+# The commands below import their heavy modules (TensorFlow through the model code, uvicorn, the web app) inside
+# the function that needs them: `chestct check-params` and `chestct --help` answer without loading TensorFlow, and
+# the library never imports the web app at module level.
+
+
+def check_registry_names(params: Params) -> None:
+    """The names params.yaml gives to registry entries exist: the backbone, its unfreeze amount, export formats."""
+    problems = []
+    try:
+        backbone_spec(params.model.backbone)
+    except ChestctError as exc:
+        problems.append(str(exc))
+    for name in params.export.formats:
+        try:
+            export_format(name)
+        except ChestctError as exc:
+            problems.append(f"export.formats: {exc}")
+    missing = [name for name in BACKBONES if name not in params.model.unfreeze]
+    if missing:
+        problems.append(f"model.unfreeze: no amount for {', '.join(missing)} (every registered backbone needs one)")
+    if problems:
+        raise ParamsError("params.yaml names unknown registry entries:\n  " + "\n  ".join(problems))
 
 
 def _check_params(args: argparse.Namespace) -> None:
     params = load_params(args.params)
+    check_registry_names(params)
     print(f"{args.params}: valid")
     print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), end="")
 
@@ -28,14 +54,15 @@ def _check_params(args: argparse.Namespace) -> None:
 def _preprocess(args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from chestct.imaging import preprocess_image
+    from chestct.imaging.preprocess import preprocess_image
 
     params = load_params(args.params)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
     for image_path in args.images:
         try:
-            array = preprocess_image(image_path, params.preprocess)
+            array = preprocess_image(image_path, params.preprocess, max_pixels=params.serve.max_pixels,
+                                     dicom_window=params.serve.dicom_window)
         except ChestctError as exc:
             failures += 1
             print(f"{image_path}: skipped: {exc}", file=sys.stderr)
@@ -52,12 +79,12 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
                         help="export folder (default: $CHESTCT_EXPORT_DIR or models/export)")
     parser.add_argument("--formats", default=None,
                         help="format order to try, comma-separated (default: $CHESTCT_FORMATS or "
-                             "keras,h5,savedmodel,tflite_float32,tflite_dynamic)")
+                             f"{','.join(FORMAT_ORDER)})")
 
 
 def _format_order(args: argparse.Namespace) -> tuple[str, ...] | None:
     """--formats as a tuple; None when absent, so the Predictor falls back to $CHESTCT_FORMATS or the default."""
-    from chestct.predictor import parse_format_order
+    from chestct.serving.predictor import parse_format_order
 
     return parse_format_order(args.formats) if args.formats else None
 
@@ -68,8 +95,8 @@ def _predict(args: argparse.Namespace) -> None:
 
     from PIL import Image
 
-    from chestct.gradcam import overlay
-    from chestct.predictor import Predictor
+    from chestct.evaluation.gradcam import overlay
+    from chestct.serving.predictor import Predictor
 
     logging.basicConfig(level=logging.WARNING, format="chestct predict: %(message)s")
     predictor = Predictor(args.export_dir, _format_order(args))
@@ -103,7 +130,7 @@ def _predict(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from app.main import create_app
+    from chestct.serving.app import create_app  # the web app, only when serving
 
     app = create_app(args.export_dir, _format_order(args))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
@@ -112,8 +139,8 @@ def _serve(args: argparse.Namespace) -> None:
 def _evaluate_external(args: argparse.Namespace) -> None:
     import logging
 
-    from chestct.external import evaluate_external
-    from chestct.external_report import summary_lines
+    from chestct.external.report import summary_lines
+    from chestct.external.validation import evaluate_external
 
     logging.basicConfig(level=logging.WARNING, format="chestct evaluate-external: %(message)s")
     result = evaluate_external(args.data_dir, args.label_map, export_dir=args.export_dir, formats=_format_order(args),

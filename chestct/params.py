@@ -129,13 +129,10 @@ class HeadParams(Section):
 
 
 UnfreezeAmount = Annotated[float, Field(gt=0.0)]
-
-
-class UnfreezeParams(Section):
-    densenet121: UnfreezeAmount
-    resnet50: UnfreezeAmount
-    efficientnetb0: UnfreezeAmount
-    mobilenetv3small: UnfreezeAmount
+# Names of registry entries (backbones, export formats). The registries themselves live with the code that uses
+# them (chestct.training.backbones, chestct.export.formats) and check the names there; `chestct check-params`
+# checks them too, so a typo is caught before any stage runs.
+RegistryName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
 
 
 class BackboneBatchnormParams(Section):
@@ -144,11 +141,11 @@ class BackboneBatchnormParams(Section):
 
 
 class ModelParams(Section):
-    backbone: Literal["densenet121", "resnet50", "efficientnetb0", "mobilenetv3small"]
+    backbone: RegistryName
     weights: str | None
     attention: AttentionParams
     head: HeadParams
-    unfreeze: UnfreezeParams
+    unfreeze: dict[RegistryName, UnfreezeAmount]
     backbone_batchnorm: BackboneBatchnormParams
 
 
@@ -274,8 +271,7 @@ class EvaluateParams(Section):
 
 
 class ExportParams(Section):
-    formats: Annotated[list[Literal["keras", "h5", "savedmodel", "tflite"]], Field(min_length=1)]
-    tflite_quantization: list[Literal["none", "dynamic"]]
+    formats: Annotated[list[RegistryName], Field(min_length=1)]
     float_tolerance: Annotated[float, Field(gt=0.0)]
     quantized_tolerance: Annotated[float, Field(gt=0.0)]
     min_decision_agreement: Probability

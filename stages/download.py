@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from chestct.data.sources import acquire_dataset
 from chestct.params import load_params
-from chestct.sources import acquire_dataset
 from stages.errors import run_stage
 
 RAW_DIR = Path("data/raw")

@@ -7,8 +7,15 @@ from pathlib import Path
 import pandas as pd
 
 from chestct.atomic_io import write_json
-from chestct.input_pipeline import load_split
+from chestct.decision import DECISION_RULE
+from chestct.evaluation import plots
+from chestct.evaluation.gradcam import gradcam, overlay
+from chestct.evaluation.scoring import gradcam_selection, leak_free_mask, predict_scores, roc_band_for, split_metrics
+from chestct.evaluation.shortcuts import shortcut_audit
+from chestct.evaluation.thresholds import choose_threshold
+from chestct.imaging.processed import load_split
 from chestct.params import load_params
+from chestct.training.model import load_trained_model
 from stages.errors import run_stage
 
 PROCESSED = Path("data/processed")
@@ -21,19 +28,6 @@ PLOTS = Path("plots/eval")
 
 
 def main() -> None:
-    from chestct import eval_plots
-    from chestct.evaluation import (
-        gradcam_selection,
-        leak_free_mask,
-        predict_scores,
-        roc_band_for,
-        shortcut_audit,
-        split_metrics,
-    )
-    from chestct.gradcam import gradcam, overlay
-    from chestct.thresholds import choose_threshold
-    from chestct.training import load_trained_model
-
     params = load_params()
     settings, seed = params.evaluate, params.seed
     model = load_trained_model(MODEL)
@@ -44,7 +38,11 @@ def main() -> None:
     valid_scores = predict_scores(model, valid.images, batch)
     choice = choose_threshold(valid.labels, valid_scores, settings.threshold)  # validation only
     threshold = choice["threshold"]
-    write_json(THRESHOLD, {**choice, "chosen_on": "valid", "decision": "cancer when probability >= threshold"})
+    # The settings travel with the threshold into the export's metadata: external validation reuses them.
+    evaluated_with = {"confidence_level": settings.confidence_level, "seed": seed,
+                      "bootstrap_resamples": settings.bootstrap_resamples,
+                      "gradcam_images": settings.gradcam_images, "histogram_bins": settings.histogram_bins}
+    write_json(THRESHOLD, {**choice, "chosen_on": "valid", "decision": DECISION_RULE, "settings": evaluated_with})
 
     test_scores = predict_scores(model, test.images, batch)
     leak_free = leak_free_mask(test, manifest)
@@ -58,19 +56,19 @@ def main() -> None:
     write_json(METRICS, metrics)
 
     curves = {"test": (test.labels, test_scores), "valid": (valid.labels, valid_scores)}
-    eval_plots.write_plot_data(PLOTS, curves, threshold)
-    eval_plots.roc_png(PLOTS / "roc.png", roc_band_for(test.labels, test_scores, settings, seed), curves, metrics,
+    plots.write_plot_data(PLOTS, curves, threshold)
+    plots.roc_png(PLOTS / "roc.png", roc_band_for(test.labels, test_scores, settings, seed), curves, metrics,
                        threshold)
-    eval_plots.score_histogram_png(PLOTS / "scores.png", test.labels, test_scores, threshold)
-    eval_plots.confusion_png(PLOTS / "confusion.png", metrics["test"])
-    eval_plots.calibration_png(PLOTS / "calibration.png", curves)
+    plots.score_histogram_png(PLOTS / "scores.png", test.labels, test_scores, threshold)
+    plots.confusion_png(PLOTS / "confusion.png", metrics["test"])
+    plots.calibration_png(PLOTS / "calibration.png", curves)
     picks = gradcam_selection(test.labels, test_scores, threshold, settings.gradcam_images)
     if picks:
         indices = [index for index, _ in picks]
         heatmaps = gradcam(model, test.images[indices])
         tiles = [(overlay(test.images[index], heatmap), f"{kind} p={test_scores[index]:.2f}")
                  for (index, kind), heatmap in zip(picks, heatmaps, strict=True)]
-        eval_plots.gradcam_grid_png(PLOTS / "gradcam.png", tiles)
+        plots.gradcam_grid_png(PLOTS / "gradcam.png", tiles)
 
     t, lf, sc = metrics["test"], metrics["test_leak_free"], metrics["shortcut"]
     print(f"evaluate: threshold {threshold:.4f} ({choice['method']}, chosen on validation)")

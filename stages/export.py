@@ -9,8 +9,13 @@ from pathlib import Path
 import numpy as np
 
 from chestct.atomic_io import atomic_path, write_json
-from chestct.input_pipeline import load_split
+from chestct.export.formats import planned_formats, write_artifacts
+from chestct.export.parity import check_parity, parity_report, run_in_fresh_process
+from chestct.export.writer import write_metadata_files
+from chestct.imaging.processed import load_split
 from chestct.params import load_params
+from chestct.training.backbones import backbone_spec
+from chestct.training.model import compute_dtypes, float32_copy, load_trained_model
 from stages.errors import run_stage
 
 MODEL = Path("models/phase2.keras")
@@ -30,8 +35,6 @@ def _read_json(path: Path) -> dict | None:
 
 def precision_report(trained, exported, images: np.ndarray) -> dict:
     """Which arithmetic training used and the export uses, and how far apart their probabilities are."""
-    from chestct.model import compute_dtypes
-
     report = {"trained": sorted(compute_dtypes(trained)), "exported": sorted(compute_dtypes(exported))}
     if exported is not trained:
         difference = np.abs(trained.predict(images, verbose=0) - exported.predict(images, verbose=0))
@@ -42,30 +45,20 @@ def precision_report(trained, exported, images: np.ndarray) -> dict:
 
 
 def main() -> None:
-    from chestct.export import (
-        check_parity,
-        parity_report,
-        planned_formats,
-        run_in_fresh_process,
-        write_artifacts,
-        write_metadata_files,
-    )
-    from chestct.model import float32_copy
-    from chestct.training import load_trained_model
-
     params = load_params()
     threshold = json.loads(THRESHOLD.read_text())
     test = load_split(TEST)
     trained = load_trained_model(MODEL)
     model = float32_copy(trained)  # after mixed-precision training: the same weights, float32 arithmetic
-    formats, skipped = planned_formats(params.export, params.model.backbone)
+    backbone = backbone_spec(params.model.backbone)
+    formats, skipped = planned_formats(params.export.formats, backbone.legacy_h5, backbone.name)
     precision = precision_report(trained, model, test.images)
 
     with atomic_path(EXPORT) as folder, tempfile.TemporaryDirectory() as scratch:
         paths = write_artifacts(model, folder, formats)
         # Hashes every artifact once; if parity fails below, the whole folder is discarded with it.
         artifacts = write_metadata_files(folder, params, threshold, paths, skipped, test.image_size,
-                                         _read_json(EVAL_METRICS), _read_json(DATA_METRICS))["artifacts"]
+                                         _read_json(EVAL_METRICS), _read_json(DATA_METRICS)).artifacts
         images_file = Path(scratch) / "test_images.npy"
         np.save(images_file, test.images)
         reference_model = MODEL
@@ -76,7 +69,7 @@ def main() -> None:
         reports, latency = {}, {}
         for name, path in paths.items():
             run = run_in_fresh_process(name, path, images_file, params.export.latency_runs)
-            size = artifacts[name]["bytes"]
+            size = artifacts[name].bytes
             reports[name] = parity_report(reference, run["scores"], threshold["threshold"], name, params.export)
             reports[name]["bytes"] = size
             latency[name] = {"median_ms": float(np.median(run["latency_ms"])),

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from chestct.imaging.processed import preprocess_manifest, save_processed
 from chestct.params import load_params
-from chestct.processed import preprocess_manifest, save_processed
 from stages.errors import run_stage
 
 DATA_FOLDER = Path("data/raw/Data")

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from chestct.atomic_io import atomic_path, write_json
-from chestct.data_report import data_summary, save_montage, save_size_histogram
-from chestct.dataset import DatasetError, scan_dataset
-from chestct.duplicates import add_duplicate_columns
+from chestct.data.duplicates import add_duplicate_columns
+from chestct.data.records import DatasetError, scan_dataset
+from chestct.data.report import data_summary, save_montage, save_size_histogram
+from chestct.data.splits import apply_dedup
 from chestct.params import load_params
-from chestct.splits import apply_dedup
 from stages.errors import run_stage
 
 DATA_FOLDER = Path("data/raw/Data")

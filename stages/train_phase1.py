@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from chestct.params import load_params
-from chestct.training import (
+from chestct.training.loop import (
     compile_for_phase,
     count_trainable_parameters,
     prepare_training,
     save_phase_metrics,
     train_phase,
 )
+from chestct.training.model import build_model
 from stages.errors import run_stage
 
 PROCESSED = Path("data/processed")
@@ -21,8 +22,6 @@ METRICS = Path("metrics/train_phase1.json")
 
 
 def main() -> None:
-    from chestct.model import build_model
-
     params = load_params()
     setup = prepare_training(params, PROCESSED)
     with setup.strategy.scope():

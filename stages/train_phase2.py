@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from chestct.params import load_params
-from chestct.training import (
+from chestct.training.loop import (
     compile_for_phase,
     count_trainable_parameters,
-    load_trained_model,
     prepare_training,
     save_phase_metrics,
     train_phase,
 )
+from chestct.training.model import load_trained_model, unfreeze_for_finetuning
 from stages.errors import run_stage
 
 PROCESSED = Path("data/processed")
@@ -23,8 +23,6 @@ METRICS = Path("metrics/train_phase2.json")
 
 
 def main() -> None:
-    from chestct.model import unfreeze_for_finetuning
-
     params = load_params()
     setup = prepare_training(params, PROCESSED)
     with setup.strategy.scope():

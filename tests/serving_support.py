@@ -27,18 +27,28 @@ def serving_params(default_params, **serve_overrides):
 
 def phantom_images(count: int = 6, seed: int = 0) -> list[tuple[int, np.ndarray]]:
     """(label, grayscale uint8 image) pairs alternating Normal and Cancer."""
-    from chestct.phantom import render_phantom
+    from chestct.data.phantoms import render_phantom
 
     rng = np.random.default_rng(seed)
     return [(index % 2, render_phantom(rng, (160, 160), 2 * (index % 2))) for index in range(count)]
 
 
+def tiny_threshold_record(params, threshold: float) -> dict:
+    """What the evaluate stage writes to models/threshold.json, for a threshold set by hand."""
+    settings = params.evaluate
+    return {"threshold": threshold, "method": "fixed", "chosen_on": "valid",
+            "settings": {"confidence_level": settings.confidence_level, "seed": params.seed,
+                         "bootstrap_resamples": settings.bootstrap_resamples,
+                         "gradcam_images": settings.gradcam_images, "histogram_bins": settings.histogram_bins}}
+
+
 def build_tiny_export(folder: Path, default_params, formats: tuple[str, ...] = FORMATS, **serve_overrides) -> Path:
     import keras
 
-    from chestct.export import write_artifacts, write_metadata_files
-    from chestct.imaging import preprocess_gray
-    from chestct.model import build_model
+    from chestct.export.formats import write_artifacts
+    from chestct.export.writer import write_metadata_files
+    from chestct.imaging.preprocess import preprocess_gray
+    from chestct.training.model import build_model
 
     params = serving_params(default_params, **serve_overrides)
     keras.utils.set_random_seed(3)
@@ -46,7 +56,7 @@ def build_tiny_export(folder: Path, default_params, formats: tuple[str, ...] = F
     images = np.stack([preprocess_gray(gray, params.preprocess) for _, gray in phantom_images()])
     threshold = float(np.median(model.predict(images, verbose=0).ravel()))
     paths = write_artifacts(model, folder, list(formats))
-    write_metadata_files(folder, params, {"threshold": threshold, "method": "fixed", "chosen_on": "valid"},
+    write_metadata_files(folder, params, tiny_threshold_record(params, threshold),
                          paths, {}, SIZE, None, None)
     return folder
 
@@ -78,7 +88,7 @@ def running_server(export_dir: Path, formats: tuple[str, ...] | None = None):
 
     import uvicorn
 
-    from app.main import create_app
+    from chestct.serving.app import create_app
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(export_dir, formats), host="127.0.0.1", port=port,

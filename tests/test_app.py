@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.main import create_app
+from chestct.serving.app import create_app
 from tests.dicom_factory import make_ct_dicom, phantom_to_dicom
 from tests.serving_support import phantom_images, png_bytes
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from chestct.augment import build_augmenter, mixup
 from chestct.params import AugmentParams
+from chestct.training.augmentation import build_augmenter, mixup
 
 SIZE = 48
 TRANSFORMS = ("rotation", "shift", "zoom", "shear", "flip", "brightness", "contrast", "sharpness", "hu_window")

@@ -61,7 +61,7 @@ def test_predict_prints_one_line_per_file_and_reports_bad_ones(tiny_export, tmp_
 def test_predict_json_matches_the_predictor(tiny_export, tmp_path, capsys):
     import json
 
-    from chestct.predictor import Predictor
+    from chestct.serving.predictor import Predictor
     from tests.serving_support import phantom_images, png_bytes
 
     scan = tmp_path / "scan.png"

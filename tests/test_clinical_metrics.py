@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from chestct.clinical_metrics import binary_metrics, bootstrap_auc, diagnostic_odds_ratio, roc_band, wilson_interval
 from chestct.errors import ChestctError
+from chestct.evaluation.metrics import binary_metrics, bootstrap_auc, diagnostic_odds_ratio, roc_band, wilson_interval
 
 Z95 = 1.959963984540054
 

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from chestct.dataset import scan_dataset
-from chestct.duplicates import add_duplicate_columns, add_leak_columns, near_groups
+from chestct.data.duplicates import add_duplicate_columns, add_leak_columns, near_groups
+from chestct.data.records import scan_dataset
+from chestct.data.splits import apply_dedup
 from chestct.labels import UnknownClassFolderError, label_of_subtype, subtype_of_folder
-from chestct.splits import apply_dedup
 from tests.conftest import make_kaggle_layout, save_image, textured_image
 
 

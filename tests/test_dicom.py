@@ -11,8 +11,8 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLosslessSV1
 
-from chestct.dicom import dicom_to_grayscale, looks_like_dicom
-from chestct.imaging import CorruptImageError, ImageTooLargeError, UnsupportedImageError
+from chestct.imaging.dicom import dicom_to_grayscale, looks_like_dicom
+from chestct.imaging.errors import CorruptImageError, ImageTooLargeError, UnsupportedImageError
 from tests.dicom_factory import make_ct_dicom, phantom_to_dicom
 
 CENTER, WIDTH = -600.0, 1500.0  # params.yaml serve.dicom_window

@@ -5,14 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chestct.export import ExportParityError, check_parity, parity_report, planned_formats
+from chestct.export.formats import UnknownFormatError, planned_formats
+from chestct.export.parity import ExportParityError, check_parity, parity_report
 
 
-def test_planned_formats_expand_tflite_and_skip_h5_where_keras_cannot_reload_it(default_params):
-    formats, skipped = planned_formats(default_params.export, "densenet121")
+def test_planned_formats_skip_h5_where_keras_cannot_reload_it(default_params):
+    formats, skipped = planned_formats(default_params.export.formats, True, "densenet121")
     assert formats == ["keras", "h5", "savedmodel", "tflite_float32", "tflite_dynamic"] and skipped == {}
-    formats, skipped = planned_formats(default_params.export, "mobilenetv3small")
+    formats, skipped = planned_formats(default_params.export.formats, False, "mobilenetv3small")
     assert "h5" not in formats and "mobilenetv3small" in skipped["h5"]
+
+
+def test_an_unknown_format_is_refused_naming_the_choices():
+    with pytest.raises(UnknownFormatError, match="tflite_int8.*keras, h5, savedmodel, tflite_float32, tflite_dynamic"):
+        planned_formats(["keras", "tflite_int8"], True, "densenet121")
 
 
 def test_parity_uses_the_float_or_quantized_tolerance(default_params):

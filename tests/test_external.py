@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 
 from chestct.cli import main
-from chestct.clinical_metrics import binary_metrics
-from chestct.external import ExternalDataError, discover_files, parse_label_map
+from chestct.evaluation.metrics import binary_metrics
+from chestct.external.records import ExternalDataError, discover_files, parse_label_map
 from tests.conftest import PROJECT_ROOT
 from tests.dicom_factory import phantom_to_dicom
 from tests.serving_support import phantom_images, png_bytes
@@ -172,7 +172,7 @@ def test_metrics_match_the_evaluate_stage_functions_on_the_same_predictions(runs
 
 
 def test_probabilities_equal_the_predictor_on_the_same_files(runs, phantom_dir, tiny_export):
-    from chestct.predictor import Predictor
+    from chestct.serving.predictor import Predictor
 
     _, table = load(runs["default"])
     predictor = Predictor(tiny_export)

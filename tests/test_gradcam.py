@@ -10,8 +10,8 @@ import keras
 import numpy as np
 import pytest
 
-from chestct.gradcam import gradcam, overlay
-from chestct.model import build_model
+from chestct.evaluation.gradcam import gradcam, overlay
+from chestct.training.model import build_model
 
 SIZE = 64
 

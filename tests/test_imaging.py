@@ -8,13 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chestct.imaging import (
-    ImageDecodeError,
-    apply_window,
-    decode_grayscale,
-    preprocess_image,
-    resize_square,
-)
+from chestct.imaging.decode import decode_grayscale
+from chestct.imaging.errors import ImageDecodeError
+from chestct.imaging.preprocess import preprocess_image
+from chestct.imaging.transforms import apply_window, resize_square
 from tests.conftest import save_image, textured_image
 
 GRAY = textured_image(7, (90, 150))

@@ -10,8 +10,9 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
-from chestct.input_pipeline import SplitArrays, SplitFileError, load_split, training_dataset, validation_dataset
+from chestct.imaging.processed import SplitArrays, SplitFileError, load_split
 from chestct.params import AugmentParams, TrainParams
+from chestct.training.input_pipeline import training_dataset, validation_dataset
 
 SIZE = 48
 COUNT = 40  # 14 Normal, 26 Cancer: unequal on purpose, so balance is the pipeline's doing

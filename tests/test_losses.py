@@ -8,8 +8,8 @@ import keras
 import numpy as np
 import pytest
 
-from chestct.losses import BinaryFocalLoss, make_loss
 from chestct.params import LossParams
+from chestct.training.losses import BinaryFocalLoss, make_loss
 
 
 def per_sample(loss: keras.losses.Loss, y_true, y_pred) -> np.ndarray:

@@ -11,21 +11,17 @@ import keras
 import numpy as np
 import pytest
 
-from chestct.model import (
-    LEGACY_H5_UNSUPPORTED_BACKBONES,
-    BackbonePreprocessing,
-    ChannelAttention,
-    SpatialAttention,
-    WeightsUnavailableError,
+from chestct.params import ModelParams
+from chestct.training.backbones import BACKBONES, UnknownBackboneError, WeightsUnavailableError, keras_weights_cache
+from chestct.training.layers import BackbonePreprocessing, ChannelAttention, SpatialAttention
+from chestct.training.model import (
     backbone_layers,
     backbone_of,
     build_model,
-    keras_weights_cache,
     last_conv_layer_name,
     layers_to_unfreeze,
     unfreeze_for_finetuning,
 )
-from chestct.params import ModelParams
 
 SIZE = 32
 
@@ -148,8 +144,8 @@ def test_save_and_load_give_identical_predictions(densenet, tmp_path, extension)
 
 
 def test_mobilenetv3_cannot_be_restored_from_legacy_h5(mobilenet_params, tmp_path):
-    # Pins the Keras limitation behind LEGACY_H5_UNSUPPORTED_BACKBONES: if this starts passing, drop it there.
-    assert "mobilenetv3small" in LEGACY_H5_UNSUPPORTED_BACKBONES
+    # Pins the Keras limitation behind the registry's legacy_h5=False: if this starts passing, change the entry.
+    assert not BACKBONES["mobilenetv3small"].legacy_h5
     model = build_model(mobilenet_params, SIZE)
     model.save(tmp_path / "model.h5")
     with pytest.raises(ValueError, match="positional arguments"):
@@ -182,7 +178,17 @@ UNFREEZE_EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("backbone", sorted(UNFREEZE_EXPECTED))
+def test_every_registered_backbone_has_its_expected_unfreeze_figures_and_a_params_amount(default_params):
+    # A new registry entry must be added here (its layer counts) and to params.yaml's model.unfreeze.
+    assert set(UNFREEZE_EXPECTED) == set(BACKBONES) == set(default_params.model.unfreeze)
+
+
+def test_an_unknown_backbone_is_refused_naming_the_choices(default_params):
+    with pytest.raises(UnknownBackboneError, match=r"unknown backbone 'vgg99'; choose one of densenet121"):
+        build_model(small_params(default_params, "vgg99"), SIZE)
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_unfreeze_makes_the_last_layers_trainable_except_batchnorm(default_params, backbone):
     params = small_params(default_params, backbone)
     model = build_model(params, SIZE)
@@ -203,7 +209,7 @@ def test_unfreeze_makes_the_last_layers_trainable_except_batchnorm(default_param
 def test_from_scratch_batchnorm_trains_with_its_own_momentum(default_params):
     """With weights null (mode auto) nothing pretrained needs protecting: unfrozen BatchNorm learns."""
     params = small_params(default_params, "mobilenetv3small", batchnorm="auto")
-    unfreeze = params.unfreeze.model_copy(update={"mobilenetv3small": 1000})  # a count above the layer count
+    unfreeze = {**params.unfreeze, "mobilenetv3small": 1000}  # a count above the layer count
     params = params.model_copy(update={"unfreeze": unfreeze})
     model = build_model(params, SIZE)
     computing = backbone_layers(model)
@@ -211,7 +217,7 @@ def test_from_scratch_batchnorm_trains_with_its_own_momentum(default_params):
     batchnorm = [layer for layer in computing if isinstance(layer, keras.layers.BatchNormalization)]
     assert batchnorm and all(layer.trainable and layer.momentum == 0.9 for layer in batchnorm)
     pretrained = params.model_copy(update={"weights": "imagenet"})
-    from chestct.model import backbone_batchnorm_trains
+    from chestct.training.model import backbone_batchnorm_trains
 
     assert backbone_batchnorm_trains(params) and not backbone_batchnorm_trains(pretrained)
 

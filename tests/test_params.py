@@ -25,8 +25,8 @@ def test_defaults_follow_the_original_design(default_params):
     assert (p.train.loss.name, p.train.loss.gamma, p.train.loss.alpha) == ("focal", 2.0, 0.25)
     assert (p.train.phase1.epochs, p.train.phase1.learning_rate) == (10, 1e-4)
     assert (p.train.phase2.epochs, p.train.phase2.learning_rate) == (20, 1e-5)
-    assert p.model.unfreeze.densenet121 == 0.5 and p.model.unfreeze.resnet50 == 50
-    assert p.model.unfreeze.efficientnetb0 == 30
+    assert p.model.unfreeze["densenet121"] == 0.5 and p.model.unfreeze["resnet50"] == 50
+    assert p.model.unfreeze["efficientnetb0"] == 30
     assert p.train.early_stopping_patience == 10
     assert (p.train.reduce_lr.factor, p.train.reduce_lr.patience, p.train.reduce_lr.min_lr) == (0.2, 5, 1e-6)
     assert p.augment.mixup.alpha == 0.2 and p.augment.contrast.range == (0.5, 1.8)
@@ -65,7 +65,8 @@ def test_unknown_key_is_named(raw):
         (("augment", "mixup", "probability"), 1.5, r"augment\.mixup\.probability"),
         (("data", "source"), "ftp", r"data\.source"),
         (("split", "dedup"), "sometimes", r"split\.dedup"),
-        (("model", "backbone"), "vgg99", r"model\.backbone"),
+        (("model", "backbone"), "VGG 99", r"model\.backbone"),
+        (("export", "formats"), ["keras", "tflite int8"], r"export\.formats"),
         (("augment", "contrast", "range"), [1.8, 0.5], r"augment\.contrast"),
         (("data", "synthetic", "min_size"), 5000, r"data\.synthetic\.min_size"),
     ],
@@ -96,3 +97,19 @@ def test_missing_or_broken_file(tmp_path):
     broken.write_text("seed: [1, 2\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(broken)
+
+
+def test_check_params_refuses_names_no_registry_knows(raw):
+    from chestct.cli import check_registry_names
+
+    bad = copy.deepcopy(raw)
+    bad["model"]["backbone"] = "vgg99"
+    bad["export"]["formats"] = ["keras", "tflite_int8"]
+    del bad["model"]["unfreeze"]["resnet50"]
+    with pytest.raises(ParamsError) as error:
+        check_registry_names(parse_params(bad))
+    message = str(error.value)
+    assert "model.backbone: unknown backbone 'vgg99'" in message
+    assert "export.formats: unknown export format 'tflite_int8'" in message
+    assert "model.unfreeze: no amount for resnet50" in message
+    check_registry_names(parse_params(raw))  # the project's own params.yaml names only registered entries

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-import chestct.phantom as phantom
+import chestct.data.phantoms as phantom
+from chestct.data.phantoms import generate_phantom_dataset, render_phantom
 from chestct.labels import CANCER_SUBTYPES, FOLDER_NAMES_BY_SPLIT, SPLITS
 from chestct.params import SyntheticParams
-from chestct.phantom import generate_phantom_dataset, render_phantom
 
 MIN_SIZE, MAX_SIZE = 96, 200
 COUNTS = {"normal": {"train": 12, "valid": 8, "test": 10}, "cancer": {"train": 12, "valid": 8, "test": 10}}

@@ -68,7 +68,7 @@ def test_phase2_model_reloads_and_takes_the_cached_array(trained_repo):
     repo, _ = trained_repo
     import keras
 
-    from chestct.training import load_trained_model
+    from chestct.training.model import load_trained_model
 
     model = load_trained_model(repo / "models/phase2.keras")
     with np.load(repo / "data/processed/valid.npz") as arrays:
@@ -173,9 +173,9 @@ def test_serving_sees_the_cached_arrays_and_every_format_decides_alike(exported_
     """The server's path from a raw file equals the pipeline's cached array; all formats give the same decisions."""
     from fastapi.testclient import TestClient
 
-    from app.main import create_app
-    from chestct.input_pipeline import load_split
-    from chestct.predictor import Predictor
+    from chestct.imaging.processed import load_split
+    from chestct.serving.app import create_app
+    from chestct.serving.predictor import Predictor
 
     repo, _ = exported_repo
     export, test = repo / "models/export", load_split(repo / "data/processed/test.npz")
@@ -201,10 +201,10 @@ def test_serving_sees_the_cached_arrays_and_every_format_decides_alike(exported_
 def test_export_out_of_tolerance_fails_naming_the_format(exported_repo):
     repo, _ = exported_repo
     # Only the float TFLite model (cheap to convert), with an impossible tolerance.
-    update_params(repo, {"export": {"formats": ["tflite"], "tflite_quantization": ["none"], "float_tolerance": 1e-12}})
+    update_params(repo, {"export": {"formats": ["tflite_float32"], "float_tolerance": 1e-12}})
     failed = run(["dvc", "repro", "export"], repo, check=False)
-    update_params(repo, {"export": {"formats": ["keras", "h5", "savedmodel", "tflite"],
-                                    "tflite_quantization": ["none", "dynamic"], "float_tolerance": 1e-5}})
+    update_params(repo, {"export": {"formats": ["keras", "h5", "savedmodel", "tflite_float32", "tflite_dynamic"],
+                                    "float_tolerance": 1e-5}})
     assert failed.returncode != 0
     assert "tflite_float32: max |p - p_keras|" in failed.stderr and "Traceback" not in failed.stderr
     assert "Nothing was exported" in failed.stderr

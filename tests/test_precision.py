@@ -10,9 +10,10 @@ import keras
 import numpy as np
 import pytest
 
-from chestct.input_pipeline import SplitArrays, training_dataset
-from chestct.model import PREDICTION_NAME, build_model
-from chestct.training import compile_for_phase, configure_precision, load_trained_model
+from chestct.imaging.processed import SplitArrays
+from chestct.training.input_pipeline import training_dataset
+from chestct.training.loop import compile_for_phase, configure_precision
+from chestct.training.model import PREDICTION_NAME, build_model, load_trained_model
 
 SIZE = 32
 POLICIES = ["float32", "mixed_bfloat16", "mixed_float16"]  # `auto` resolves to one of these (test_training.py)
@@ -71,9 +72,8 @@ def test_training_steps_under_each_policy_then_reload_in_float32(precision, para
 @pytest.mark.parametrize("precision", ["mixed_bfloat16"])  # float16 takes the same path
 def test_a_mixed_precision_model_exports_with_the_same_dtypes_and_parity(precision, params, arrays, tmp_path):
     """As the export stage does: a float32 copy of the trained weights is exported (TFLite has no bfloat16)."""
-    from chestct.export import write_artifacts
-    from chestct.exported_model import open_exported
-    from chestct.model import compute_dtypes, float32_copy
+    from chestct.export.formats import open_exported, write_artifacts
+    from chestct.training.model import compute_dtypes, float32_copy
 
     configure_precision(precision)
     keras.utils.set_random_seed(1)

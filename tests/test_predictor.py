@@ -12,8 +12,9 @@ import threading
 import numpy as np
 import pytest
 
-from chestct.imaging import CorruptImageError, ImageDecodeError, preprocess_gray
-from chestct.predictor import ModelUnavailableError, Predictor, parse_format_order
+from chestct.imaging.errors import CorruptImageError, ImageDecodeError
+from chestct.imaging.preprocess import preprocess_gray
+from chestct.serving.predictor import ModelUnavailableError, Predictor, parse_format_order
 from tests.dicom_factory import make_ct_dicom, phantom_to_dicom
 from tests.serving_support import FORMATS, phantom_images, png_bytes
 
@@ -46,7 +47,7 @@ def test_falls_back_past_a_replaced_and_a_broken_file_and_says_why(tiny_export, 
     (export / "chestct.keras").write_bytes(b"not a keras file")  # replaced after export: sha256 differs
     metadata = json.loads((export / "metadata.json").read_text())
     (export / "chestct.h5").write_bytes(b"broken h5")
-    from chestct.export import artifact_digest
+    from chestct.export.formats import artifact_digest
 
     metadata["artifacts"]["h5"]["sha256"] = artifact_digest(export / "chestct.h5")[0]  # matches, cannot load
     (export / "metadata.json").write_text(json.dumps(metadata))

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from chestct.data_report import data_summary
-from chestct.dataset import scan_dataset
-from chestct.duplicates import add_duplicate_columns
-from chestct.splits import apply_dedup
+from chestct.data.duplicates import add_duplicate_columns
+from chestct.data.records import scan_dataset
+from chestct.data.report import data_summary
+from chestct.data.splits import apply_dedup
 
 REAL_DATA = os.environ.get("CHESTCT_REAL_DATA")
 pytestmark = [

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 PROBE = ("import chestct, tensorflow; from tensorflow.python.util import _pywrap_util_port as port; "
-         "from chestct.training import onednn_enabled; print(port.IsMklEnabled(), onednn_enabled())")
+         "from chestct.training.loop import onednn_enabled; print(port.IsMklEnabled(), onednn_enabled())")
 
 
 def _probe(setting: str | None) -> list[str]:

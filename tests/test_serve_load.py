@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from chestct.predictor import Predictor
+from chestct.serving.predictor import Predictor
 from tests.serving_support import phantom_images, png_bytes
 
 CLIENTS = 4

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from chestct import shortcuts
-from chestct.shortcuts import (
+from chestct.evaluation import shortcuts
+from chestct.evaluation.shortcuts import (
     GeometryFeatures,
     geometry_features,
     histogram_features,

@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from chestct.sources import SourceError, acquire_dataset
+from chestct.data.sources import SourceError, acquire_dataset
 from tests.conftest import make_kaggle_layout
 
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from scipy.special import expit, logit
 
-from chestct.clinical_metrics import binary_metrics
+from chestct.decision import decide
 from chestct.errors import ChestctError
+from chestct.evaluation.metrics import binary_metrics
+from chestct.evaluation.thresholds import EPS, choose_threshold, operating_point
 from chestct.params import ThresholdParams
-from chestct.thresholds import EPS, choose_threshold, operating_point, predict
 
 
 def _params(method: str, sensitivity: float = 0.9, fixed: float = 0.5) -> ThresholdParams:
@@ -39,7 +40,7 @@ def test_perfectly_separated_uses_logit_midpoint_of_the_gap():
     assert 0.2 < chosen["threshold"] < 0.9  # strictly inside: neither class sits on the threshold
     assert chosen["method"] == "youden"
     assert (chosen["valid_sensitivity"], chosen["valid_specificity"], chosen["valid_youden"]) == (1.0, 1.0, 1.0)
-    np.testing.assert_array_equal(predict(scores, chosen["threshold"]), labels)
+    np.testing.assert_array_equal(decide(scores, chosen["threshold"]), labels)
 
 
 def test_youden_overlapping_hand_case():
@@ -132,7 +133,7 @@ def test_threshold_selection_never_reads_test_data():
         assert first["threshold"] == flipped["threshold"]
         assert first_metrics["threshold"] == flipped_metrics["threshold"] == first["threshold"]
         np.testing.assert_array_equal(first["test_predictions"], flipped["test_predictions"])
-        np.testing.assert_array_equal(first["test_predictions"], predict(test_scores, first["threshold"]))
+        np.testing.assert_array_equal(first["test_predictions"], decide(test_scores, first["threshold"]))
         # Different test scores cannot move it either; it equals choosing on validation alone.
         other = operating_point(valid_labels, valid_scores, rng.uniform(0, 1, 7), params)
         assert other["threshold"] == first["threshold"]

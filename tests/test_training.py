@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from chestct.input_pipeline import SplitArrays, validation_dataset
-from chestct.losses import BinaryFocalLoss
-from chestct.training import TrainingError, ValidationAUC, _check_validation, resolve_precision
+from chestct.imaging.processed import SplitArrays
+from chestct.training.input_pipeline import validation_dataset
+from chestct.training.loop import TrainingError, ValidationAUC, _check_validation, resolve_precision
+from chestct.training.losses import BinaryFocalLoss
 
 
 def _arrays(labels):
@@ -41,7 +42,7 @@ def test_single_class_validation_is_refused():
 
 
 def test_precision_choice(monkeypatch):
-    import chestct.training as training
+    import chestct.training.loop as training
 
     assert resolve_precision("float32") == "float32"
     assert resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
@@ -57,7 +58,7 @@ def test_precision_choice(monkeypatch):
 
 def test_mirrored_strategy_runs_on_a_cpu_only_machine():
     """train.distribute: mirrored uses every visible GPU; without one it must still train on one replica."""
-    from chestct.training import make_strategy
+    from chestct.training.loop import make_strategy
 
     strategy = make_strategy("mirrored")
     assert strategy.num_replicas_in_sync >= 1

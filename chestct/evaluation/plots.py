@@ -1,0 +1,130 @@
+"""The evaluation's pictures: data files that `dvc plots` renders, and PNGs a person opens first.
+
+`dvc plots show` writes HTML that loads vega from a CDN (blank offline), so every chart also exists as a PNG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure  # the object API: no pyplot, no display backend, no global state
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import precision_recall_curve, roc_curve
+
+from chestct.atomic_io import atomic_path
+from chestct.decision import decide
+from chestct.labels import CLASS_NAMES
+
+
+def _save(figure: Figure, path: Path) -> None:
+    with atomic_path(path) as temp:
+        figure.savefig(temp, dpi=100, format="png", bbox_inches="tight")
+
+
+def _save_csv(table: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as temp:
+        table.to_csv(temp, index=False, float_format="%.6g")
+
+
+def write_plot_data(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float,
+                    calibration_bins: int = 10) -> None:
+    """roc_<split>.csv, pr_<split>.csv, calibration_<split>.csv and confusion.csv (test) for `dvc plots`."""
+    for split, (labels, scores) in splits.items():
+        fpr, tpr, _ = roc_curve(labels, scores)
+        _save_csv(pd.DataFrame({"fpr": fpr, "tpr": tpr}), folder / f"roc_{split}.csv")
+        precision, recall, _ = precision_recall_curve(labels, scores)
+        _save_csv(pd.DataFrame({"recall": recall, "precision": precision}), folder / f"pr_{split}.csv")
+        observed, predicted = calibration_curve(labels, scores, n_bins=calibration_bins, strategy="uniform")
+        _save_csv(pd.DataFrame({"mean_predicted": predicted, "fraction_cancer": observed}),
+                  folder / f"calibration_{split}.csv")
+    labels, scores = splits["test"]
+    decisions = decide(scores, threshold)
+    _save_csv(pd.DataFrame({"actual": [CLASS_NAMES[i] for i in labels],
+                            "predicted": [CLASS_NAMES[i] for i in decisions]}), folder / "confusion.csv")
+
+
+def roc_png(path: Path, band: dict, curves: dict[str, tuple[np.ndarray, np.ndarray]], metrics: dict,
+            threshold: float, primary: str = "test") -> None:
+    """The `primary` set's ROC with its bootstrap band, other curves (validation), and the operating point
+    chosen on validation."""
+    figure = Figure(figsize=(5.6, 5.2))
+    axis = figure.subplots()
+    axis.fill_between(band["fpr"], band["tpr_low"], band["tpr_high"], color="tab:blue", alpha=0.2,
+                      label=f"{primary} {band.get('level', 0.95):.0%} bootstrap band")
+    for split, (labels, scores) in curves.items():
+        fpr, tpr, _ = roc_curve(labels, scores)
+        auc = metrics[split]["auc"]
+        ci = metrics[split]["auc_ci"]
+        label = f"{split}: AUC {auc:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        axis.plot(fpr, tpr, color="tab:blue" if split == primary else "tab:orange", label=label)
+    test = metrics[primary]
+    axis.plot(1 - test["specificity"], test["sensitivity"], "o", color="black", markersize=8,
+              label=f"operating point (t={threshold:.3f}): sens {test['sensitivity']:.3f}, "
+                    f"spec {test['specificity']:.3f}")
+    axis.plot([0, 1], [0, 1], ":", color="gray")
+    axis.set_xlabel("1 - specificity (false positive rate)")
+    axis.set_ylabel("sensitivity (true positive rate)")
+    axis.set_title("ROC (threshold chosen on validation)")
+    axis.legend(loc="lower right", fontsize=8)
+    _save(figure, path)
+
+
+def score_histogram_png(path: Path, labels: np.ndarray, scores: np.ndarray, threshold: float,
+                        set_name: str = "test") -> None:
+    figure = Figure(figsize=(6.4, 3.8))
+    axis = figure.subplots()
+    bins = np.linspace(0, 1, 41)
+    for label, name in enumerate(CLASS_NAMES):
+        axis.hist(scores[labels == label], bins=bins, alpha=0.6, label=f"{name} (n={int((labels == label).sum())})")
+    axis.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3f}")
+    axis.set_xlabel("predicted cancer probability")
+    axis.set_ylabel(f"{set_name} images")
+    axis.set_title(f"{set_name.capitalize()} scores per class")
+    axis.legend()
+    _save(figure, path)
+
+
+def confusion_png(path: Path, metrics: dict) -> None:
+    cells = np.array([[metrics["tn"], metrics["fp"]], [metrics["fn"], metrics["tp"]]])
+    figure = Figure(figsize=(4.4, 4))
+    axis = figure.subplots()
+    axis.imshow(cells, cmap="Blues")
+    for row in range(2):
+        for column in range(2):
+            axis.text(column, row, str(cells[row, column]), ha="center", va="center", fontsize=16,
+                      color="white" if cells[row, column] > cells.max() / 2 else "black")
+    axis.set_xticks([0, 1], [f"predicted {n}" for n in CLASS_NAMES])
+    axis.set_yticks([0, 1], [f"actual {n}" for n in CLASS_NAMES])
+    axis.set_title(f"Test confusion matrix (n={metrics['n']})")
+    _save(figure, path)
+
+
+def calibration_png(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], bins: int = 10) -> None:
+    figure = Figure(figsize=(5, 5))
+    axis = figure.subplots()
+    axis.plot([0, 1], [0, 1], ":", color="gray", label="perfect calibration")
+    for split, (labels, scores) in curves.items():
+        observed, predicted = calibration_curve(labels, scores, n_bins=bins, strategy="uniform")
+        axis.plot(predicted, observed, "o-", label=split)
+    axis.set_xlabel("mean predicted cancer probability")
+    axis.set_ylabel("fraction of cancer images")
+    axis.set_title("Calibration")
+    axis.legend()
+    _save(figure, path)
+
+
+def gradcam_grid_png(path: Path, tiles: list[tuple[np.ndarray, str]], columns: int = 4,
+                     title: str = "Grad-CAM on test images (TP/FP/TN/FN at the validation threshold)") -> None:
+    """Overlays (S, S, 3) uint8 with a caption each, e.g. 'TP p=0.97'."""
+    rows = max(1, int(np.ceil(len(tiles) / columns)))
+    figure = Figure(figsize=(columns * 2.4, rows * 2.6))
+    axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
+    for axis in axes:
+        axis.axis("off")
+    for axis, (image, caption) in zip(axes, tiles, strict=False):
+        axis.imshow(image)
+        axis.set_title(caption, fontsize=8)
+    figure.suptitle(title)
+    _save(figure, path)

@@ -1,0 +1,66 @@
+"""The evaluate stage's scoring: every image scored once, metrics per split, the leak-free subset, Grad-CAM picks.
+
+Nothing here is chosen on the test split: the threshold comes from validation scores only (chestct.evaluation.
+thresholds), and the test figures are computed at that frozen threshold.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from chestct.decision import decide
+from chestct.evaluation.metrics import binary_metrics, roc_band
+from chestct.imaging.processed import SplitArrays
+from chestct.params import EvaluateParams
+
+if TYPE_CHECKING:  # only for annotations: external validation imports this module without TensorFlow
+    import keras
+
+
+def predict_scores(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Cancer probability for every image, in order, in one pass (none dropped)."""
+    scores = model.predict(images, batch_size=batch_size, verbose=0).astype(np.float64).ravel()
+    if len(scores) != len(images):
+        raise RuntimeError(f"scored {len(scores)} of {len(images)} images")
+    return scores
+
+
+def split_metrics(arrays: SplitArrays, scores: np.ndarray, threshold: float, params: EvaluateParams,
+                  seed: int, members: np.ndarray | None = None) -> dict:
+    keep = np.ones(len(scores), bool) if members is None else members
+    return binary_metrics(arrays.labels[keep], scores[keep], threshold, level=params.confidence_level,
+                          resamples=params.bootstrap_resamples, seed=seed, subtypes=arrays.subtypes[keep])
+
+
+def leak_free_mask(test: SplitArrays, manifest: pd.DataFrame) -> np.ndarray:
+    """Test images with no exact or near duplicate in train or valid (flags from the split stage)."""
+    flags = manifest.set_index("id").loc[test.ids.astype(str), ["dup_in_train", "dup_in_valid"]]
+    leaking = flags.astype(str).apply(lambda column: column.str.lower() == "true").any(axis=1)
+    return ~leaking.to_numpy()
+
+
+def roc_band_for(labels: np.ndarray, scores: np.ndarray, params: EvaluateParams, seed: int) -> dict:
+    band = roc_band(labels, scores, resamples=params.bootstrap_resamples, seed=seed, level=params.confidence_level)
+    return {**band, "level": params.confidence_level}
+
+
+def gradcam_selection(labels: np.ndarray, scores: np.ndarray, threshold: float, count: int) -> list[tuple[int, str]]:
+    """Up to `count` test images spread over TP, FP, TN, FN, the most confident of each first."""
+    decisions = decide(scores, threshold).astype(bool)
+    groups = {
+        "TP": np.flatnonzero(decisions & (labels == 1)),
+        "FP": np.flatnonzero(decisions & (labels == 0)),
+        "TN": np.flatnonzero(~decisions & (labels == 0)),
+        "FN": np.flatnonzero(~decisions & (labels == 1)),
+    }
+    confidence = np.abs(scores - threshold)
+    ranked = {name: list(members[np.argsort(-confidence[members])]) for name, members in groups.items()}
+    chosen: list[tuple[int, str]] = []
+    while len(chosen) < count and any(ranked.values()):
+        for name in ("TP", "FP", "TN", "FN"):
+            if ranked[name] and len(chosen) < count:
+                chosen.append((int(ranked[name].pop(0)), name))
+    return chosen

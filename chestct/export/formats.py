@@ -1,0 +1,247 @@
+"""The export-format registry: every format the export stage writes and the predictor loads, one entry each.
+
+An `ExportFormat` names its file inside models/export/, how to write it from the trained Keras model, how to load
+it back as a `predict(images) -> probabilities` function, and how to fingerprint it. The same names are used
+everywhere: `export.formats` in params.yaml, metadata.json, the predictor's default order (registry order), the
+CLI's `--formats` help and metrics/export.json. Adding a format is one entry in FORMATS; the tests iterate it.
+
+Every loader takes the cached uint8 images (N, S, S, 1) and returns float64 probabilities (N,).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from chestct.errors import ChestctError
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+class ExportedModelError(ChestctError, RuntimeError):
+    """An exported model cannot be loaded or run; the message names the format and the file."""
+
+
+class UnknownFormatError(ChestctError, ValueError):
+    """An export format name that is not in the registry."""
+
+
+def artifact_digest(path: Path) -> tuple[str, int]:
+    """sha256 and size in bytes of a file, or of a folder's files in sorted order (for SavedModel)."""
+    digest, size = hashlib.sha256(), 0
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode())
+        data = file.read_bytes()
+        digest.update(data)
+        size += len(data)
+    return digest.hexdigest(), size
+
+
+# --- writers ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def quiet_output():
+    """Silence both Python prints and native (C++) logs: model.export prints about 2,000 lines."""
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as devnull:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(devnull.fileno(), 1)
+        os.dup2(devnull.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+                yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for descriptor in saved:
+                os.close(descriptor)
+
+
+class SavedModelSource:
+    """One SavedModel export, made on first use and shared by every format built from it (SavedModel itself and
+    both TFLite variants): `location` is the export's savedmodel/ folder when that format is written, else scratch."""
+
+    def __init__(self, model, location: Path):
+        self._model, self._location, self._exported = model, location, False
+
+    def path(self) -> Path:
+        if not self._exported:
+            with quiet_output():
+                self._model.export(str(self._location), format="tf_saved_model")
+            self._exported = True
+        return self._location
+
+
+def _write_keras_file(model, path: Path, savedmodel: SavedModelSource) -> None:
+    model.save(path)  # .keras or legacy .h5, by the file's extension
+
+
+def _write_savedmodel(model, path: Path, savedmodel: SavedModelSource) -> None:
+    if savedmodel.path() != path:
+        raise RuntimeError(f"the shared SavedModel was exported to {savedmodel.path()}, not {path}")
+
+
+def _tflite_writer(quantize: bool):
+    def write(model, path: Path, savedmodel: SavedModelSource) -> None:
+        import tensorflow as tf
+
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(savedmodel.path()))
+        if quantize:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]  # dynamic range: int8 weights, float activations
+        with quiet_output():
+            path.write_bytes(converter.convert())
+
+    return write
+
+
+# --- loaders ----------------------------------------------------------------------------------------------
+
+
+def _load_keras_file(path: Path, batch_size: int) -> tuple[Predict, object]:
+    from chestct.training.model import load_trained_model  # registers every custom object
+
+    model = load_trained_model(path)
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        # predict_on_batch skips model.predict's per-call dataset set-up (about 200 ms for a single image).
+        outputs = [np.asarray(model.predict_on_batch(images[start:start + batch_size])).ravel()
+                   for start in range(0, len(images), batch_size)]
+        return np.concatenate(outputs).astype(np.float64) if outputs else np.zeros(0)
+
+    return predict, model
+
+
+def _load_savedmodel(path: Path, batch_size: int) -> tuple[Predict, None]:
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        outputs = []
+        for start in range(0, len(images), batch_size):
+            result = serve(tf.constant(images[start:start + batch_size]))
+            outputs.append(next(iter(result.values())).numpy().ravel())
+        return np.concatenate(outputs).astype(np.float64) if outputs else np.zeros(0)
+
+    return predict, None
+
+
+def _load_tflite(path: Path, batch_size: int) -> tuple[Predict, None]:
+    import tensorflow as tf
+
+    interpreter = tf.lite.Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    input_index = interpreter.get_input_details()[0]["index"]
+    output_index = interpreter.get_output_details()[0]["index"]
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        # One image per invoke: the converted graph has a fixed batch of 1, as on an edge device.
+        scores = np.empty(len(images), np.float64)
+        for index, image in enumerate(images):
+            interpreter.set_tensor(input_index, image[np.newaxis])
+            interpreter.invoke()
+            scores[index] = float(interpreter.get_tensor(output_index).ravel()[0])
+        return scores
+
+    return predict, None
+
+
+# --- the registry -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str  # the one name used in params, metadata, the predictor, the CLI and reports
+    file_name: str  # file or folder inside models/export/
+    write: Callable[[object, Path, SavedModelSource], None]
+    load: Callable[[Path, int], tuple[Predict, object | None]]  # -> (predict, the keras.Model or None)
+    quantized: bool = False  # checked at export.quantized_tolerance instead of export.float_tolerance
+    needs_legacy_h5: bool = False  # only for backbones whose registry entry says legacy_h5
+    digest: Callable[[Path], tuple[str, int]] = artifact_digest
+
+    @property
+    def gives_keras_model(self) -> bool:
+        """Whether the loaded format is a keras.Model (Grad-CAM needs one)."""
+        return self.load is _load_keras_file
+
+
+FORMATS: dict[str, ExportFormat] = {fmt.name: fmt for fmt in (
+    ExportFormat("keras", "chestct.keras", _write_keras_file, _load_keras_file),
+    ExportFormat("h5", "chestct.h5", _write_keras_file, _load_keras_file, needs_legacy_h5=True),
+    ExportFormat("savedmodel", "savedmodel", _write_savedmodel, _load_savedmodel),
+    ExportFormat("tflite_float32", "chestct_float32.tflite", _tflite_writer(quantize=False), _load_tflite),
+    ExportFormat("tflite_dynamic", "chestct_dynamic.tflite", _tflite_writer(quantize=True), _load_tflite,
+                 quantized=True),
+)}
+FORMAT_ORDER = tuple(FORMATS)  # the predictor's default order: the most faithful formats first
+
+
+def export_format(name: str) -> ExportFormat:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise UnknownFormatError(f"unknown export format {name!r}; choose from {', '.join(FORMATS)}") from None
+
+
+def planned_formats(requested: list[str], backbone_legacy_h5: bool, backbone: str) -> tuple[list[str], dict[str, str]]:
+    """`export.formats` -> (names to write, {name: why skipped}); an unknown name fails naming the choices."""
+    names, skipped = [], {}
+    for name in requested:
+        fmt = export_format(name)
+        if fmt.needs_legacy_h5 and not backbone_legacy_h5:
+            skipped[name] = f"Keras cannot reload {backbone} from legacy .h5 (use .keras or SavedModel)"
+        elif name not in names:
+            names.append(name)
+    return names, skipped
+
+
+def write_artifacts(model, folder: Path, names: list[str]) -> dict[str, Path]:
+    """Write each named format into `folder`; returns format name -> path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {name: folder / export_format(name).file_name for name in names}
+    with tempfile.TemporaryDirectory() as scratch:
+        savedmodel = SavedModelSource(model, paths.get("savedmodel", Path(scratch) / "savedmodel"))
+        for name, path in paths.items():
+            FORMATS[name].write(model, path, savedmodel)
+    return paths
+
+
+@dataclass(frozen=True)
+class LoadedExport:
+    format: str
+    path: Path
+    predict: Predict
+    keras_model: object | None = None  # the keras.Model for .keras/.h5 (Grad-CAM); None for graph formats
+
+
+def open_exported(format_name: str, path: str | Path, batch_size: int = 32) -> LoadedExport:
+    """Load one exported artifact; ExportedModelError names the format and file on failure."""
+    path = Path(path)
+    if format_name not in FORMATS:
+        raise ExportedModelError(f"unknown export format {format_name!r}; known: {', '.join(FORMATS)}")
+    if not path.exists():
+        raise ExportedModelError(f"{format_name}: {path} not found; run `dvc repro export`")
+    try:
+        predict, keras_model = FORMATS[format_name].load(path, batch_size)
+    except ExportedModelError:
+        raise
+    except Exception as exc:  # every loader failure becomes one message naming the format
+        raise ExportedModelError(f"{format_name}: cannot load {path} ({type(exc).__name__}: {exc})") from exc
+    return LoadedExport(format_name, path, predict, keras_model)
+
+
+def load_exported(format_name: str, path: str | Path, batch_size: int = 32) -> Predict:
+    """A predict function for one exported artifact; ExportedModelError names the format and file on failure."""
+    return open_exported(format_name, path, batch_size).predict

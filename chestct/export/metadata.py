@@ -1,0 +1,172 @@
+"""metadata.json, its one owner: what a server needs to reproduce the model's input and decision, as a schema.
+
+The export stage writes it with `build_metadata` + `write_metadata`; the predictor reads it with `read_metadata`,
+which validates it against `ExportMetadata` and refuses a file of another major schema version with a message
+saying what to do. Like a MONAI bundle's metadata, it records the library versions that wrote the model and the
+network's input contract (dtype, shape, value range), so a consumer can check both before feeding it.
+
+Schema versions: a minor bump adds optional fields (older readers ignore them); a major bump changes or removes
+fields, and readers of another major refuse the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import metadata as package_metadata
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from chestct.decision import DECISION_RULE
+from chestct.errors import ChestctError
+from chestct.labels import CLASS_NAMES
+from chestct.params import Params, PreprocessParams, ServeParams
+
+SCHEMA_VERSION = "2.0"
+METADATA_FILE = "metadata.json"
+
+
+class MetadataError(ChestctError, ValueError):
+    """metadata.json is missing, unreadable, of another major schema version, or does not match the schema."""
+
+
+class _Record(BaseModel):
+    # Unknown keys are ignored, so a reader accepts files of a newer minor version of the same major.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class TensorContract(_Record):
+    name: str
+    dtype: str
+    shape: list[int]  # without the batch axis
+    value_range: tuple[float, float]
+    meaning: str
+
+
+class ArtifactRecord(_Record):
+    file: str
+    sha256: str
+    bytes: int
+
+
+class EvaluationSettings(_Record):
+    """How the evaluate stage measured this model; external validation uses the same settings by default."""
+
+    confidence_level: float
+    bootstrap_resamples: int
+    seed: int
+    gradcam_images: int
+    histogram_bins: int
+
+
+class ExportMetadata(_Record):
+    schema_version: str
+    model: Literal["chestct"] = "chestct"
+    backbone: str
+    weights: str | None
+    versions: dict[str, str]  # chestct, tensorflow, keras
+    class_names: list[str]
+    positive_class: str
+    threshold: float = Field(ge=0.0, le=1.0)
+    threshold_method: str
+    threshold_chosen_on: str
+    decision: str
+    input: TensorContract
+    output: TensorContract
+    preprocess: PreprocessParams
+    serve: ServeParams
+    evaluation: EvaluationSettings
+    params_sha256: str
+    artifacts: dict[str, ArtifactRecord]
+    skipped_formats: dict[str, str]
+    metrics: dict  # headline figures of the evaluate stage (see _summary), for the model card and /model-info
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in ("chestct", "tensorflow", "keras"):
+        try:
+            versions[name] = package_metadata.version(name)
+        except package_metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def params_digest(params: Params) -> str:
+    """sha256 of the validated params, independent of comments and key order in params.yaml."""
+    canonical = json.dumps(params.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+_SUMMARY_KEYS = ("n", "n_normal", "auc", "auc_ci", "sensitivity", "sensitivity_ci", "specificity", "specificity_ci",
+                 "ppv", "npv", "brier")
+
+
+def _summary(section: dict | None) -> dict | None:
+    if not section:
+        return None
+    return {key: section.get(key) for key in _SUMMARY_KEYS}
+
+
+def build_metadata(params: Params, threshold: dict, artifacts: dict[str, dict], skipped: dict[str, str],
+                   image_size: int, eval_metrics: dict | None) -> ExportMetadata:
+    """The metadata of one export; `threshold` is models/threshold.json as the evaluate stage wrote it."""
+    eval_metrics = eval_metrics or {}
+    return ExportMetadata(
+        schema_version=SCHEMA_VERSION,
+        backbone=params.model.backbone,
+        weights=params.model.weights,
+        versions=library_versions(),
+        class_names=list(CLASS_NAMES),
+        positive_class=CLASS_NAMES[1],
+        threshold=threshold["threshold"],
+        threshold_method=threshold["method"],
+        threshold_chosen_on=threshold["chosen_on"],
+        decision=DECISION_RULE,
+        input=TensorContract(name="image", dtype="uint8", shape=[image_size, image_size, 1], value_range=(0, 255),
+                             meaning="grayscale after chestct.imaging.preprocess.preprocess_image with the "
+                                     "preprocess params below"),
+        output=TensorContract(name="probability", dtype="float32", shape=[1], value_range=(0, 1),
+                              meaning="probability of Cancer"),
+        preprocess=params.preprocess,
+        serve=params.serve,
+        evaluation=EvaluationSettings.model_validate(threshold["settings"]),
+        params_sha256=params_digest(params),
+        artifacts={name: ArtifactRecord.model_validate(record) for name, record in artifacts.items()},
+        skipped_formats=skipped,
+        metrics={name: _summary(eval_metrics.get(name)) for name in ("test", "test_leak_free", "valid")}
+        | {"shortcut": eval_metrics.get("shortcut")},
+    )
+
+
+def write_metadata(folder: Path, metadata: ExportMetadata) -> Path:
+    path = folder / METADATA_FILE
+    path.write_text(json.dumps(metadata.model_dump(mode="json"), indent=2) + "\n")
+    return path
+
+
+def read_metadata(folder: Path) -> ExportMetadata:
+    """Read and validate `folder/metadata.json`; MetadataError says what is wrong and how to fix it."""
+    path = Path(folder) / METADATA_FILE
+    if not path.is_file():
+        raise MetadataError(f"{path.name} not found in {folder}")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MetadataError(f"{path} is not readable JSON ({exc}); rerun `dvc repro export`") from None
+    if not isinstance(raw, dict):
+        raise MetadataError(f"{path} is not a chestct export metadata file; rerun `dvc repro export`")
+    version = str(raw.get("schema_version", "1"))
+    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise MetadataError(
+            f"{path} has metadata schema version {version}, this chestct reads major version "
+            f"{SCHEMA_VERSION.split('.')[0]} ({SCHEMA_VERSION}); re-export the model with this chestct "
+            f"(`dvc repro export`) or serve it with the chestct version that wrote it")
+    try:
+        return ExportMetadata.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+        raise MetadataError(f"{path} does not match the export metadata schema {SCHEMA_VERSION} ({problems}); "
+                            f"rerun `dvc repro export`") from None

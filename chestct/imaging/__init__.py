@@ -1,0 +1,1 @@
+"""Decoding (PNG, JPEG, DICOM), the deterministic transforms, THE preprocess function, and the processed arrays."""

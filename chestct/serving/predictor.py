@@ -1,0 +1,199 @@
+"""Predict from image files with an exported model: the one object the CLI, the service and external validation use.
+
+`Predictor` reads an export folder (models/export by default, or a path, or $CHESTCT_EXPORT_DIR):
+metadata.json (validated by chestct.export.metadata) gives the threshold, the preprocessing and the serving limits
+that belong to *these* weights, so nothing is hard-coded and nothing comes from another run. It then tries the
+formats in order (the export-format registry's order by default) and keeps the first that loads and whose sha256
+matches the metadata, logging why each earlier one was passed over. Images go through the very
+`chestct.imaging.preprocess.preprocess_image` the pipeline cached its arrays with.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from chestct.decision import decide
+from chestct.errors import ChestctError
+from chestct.export.formats import FORMAT_ORDER, FORMATS, ExportedModelError, LoadedExport, open_exported
+from chestct.export.metadata import METADATA_FILE, ExportMetadata, MetadataError, read_metadata
+from chestct.imaging.preprocess import preprocess_image
+from chestct.labels import CLASS_NAMES
+
+log = logging.getLogger("chestct.predictor")
+
+DEFAULT_EXPORT_DIR = Path("models/export")
+EXPORT_DIR_ENV = "CHESTCT_EXPORT_DIR"
+FORMATS_ENV = "CHESTCT_FORMATS"
+
+
+class ModelUnavailableError(ChestctError, RuntimeError):
+    """No usable exported model: the message says which folder was read and how to produce a model."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    filename: str
+    diagnosis: str  # "Cancer" or "Normal"
+    cancer_probability: float
+    confidence: float  # probability of the class that was decided
+    threshold: float
+    model_format: str
+    model_sha256: str
+    model_input: np.ndarray  # (S, S, 1) uint8: exactly what the model saw
+    heatmap: np.ndarray | None = None  # (S, S) float32 in [0, 1] when Grad-CAM was asked for and available
+
+    def to_dict(self) -> dict:
+        return {"filename": self.filename, "diagnosis": self.diagnosis,
+                "cancer_probability": self.cancer_probability, "confidence": self.confidence,
+                "threshold": self.threshold, "model": {"format": self.model_format, "sha256": self.model_sha256}}
+
+
+def resolve_export_dir(export_dir: str | Path | None = None) -> Path:
+    """The argument, else $CHESTCT_EXPORT_DIR, else models/export."""
+    return Path(export_dir or os.environ.get(EXPORT_DIR_ENV) or DEFAULT_EXPORT_DIR)
+
+
+def parse_format_order(text: str | None) -> tuple[str, ...]:
+    """'savedmodel,keras' -> ('savedmodel', 'keras'); None or '' -> the default order."""
+    if not text:
+        return FORMAT_ORDER
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in FORMATS]
+    if unknown or not names:
+        raise ModelUnavailableError(f"unknown export format(s) {', '.join(unknown) or text!r}; "
+                                    f"choose from {', '.join(FORMAT_ORDER)}")
+    return names
+
+
+def load_export_metadata(export_dir: Path) -> ExportMetadata:
+    """The export folder's validated metadata; ModelUnavailableError says how to get a usable one."""
+    if not (export_dir / METADATA_FILE).is_file():
+        raise ModelUnavailableError(
+            f"no exported model in {export_dir} ({METADATA_FILE} not found): run `dvc repro` (or `dvc repro "
+            f"export` after training) to produce one, or point {EXPORT_DIR_ENV} / --export-dir at an export folder")
+    try:
+        return read_metadata(export_dir)
+    except MetadataError as exc:
+        raise ModelUnavailableError(str(exc)) from None
+
+
+class Predictor:
+    """Loads one exported model once; `predict` is safe to call from several threads (calls are serialised)."""
+
+    def __init__(self, export_dir: str | Path | None = None, formats: tuple[str, ...] | None = None):
+        self.export_dir = resolve_export_dir(export_dir)
+        self.metadata = load_export_metadata(self.export_dir)
+        self.preprocess_params = self.metadata.preprocess
+        self.serve_params = self.metadata.serve
+        self.threshold = self.metadata.threshold
+        self.load_report: list[str] = []  # one line per format tried, in order
+        self._model = self._load_first(formats or parse_format_order(os.environ.get(FORMATS_ENV)))
+        self.format = self._model.format
+        self.sha256 = self.metadata.artifacts[self.format].sha256
+        # Keras models and TFLite interpreters are not documented as thread-safe: one prediction at a time.
+        self._lock = threading.Lock()
+
+    # --- loading ------------------------------------------------------------------------------------------
+
+    def _load_first(self, formats: tuple[str, ...]) -> LoadedExport:
+        artifacts = self.metadata.artifacts
+        for name in formats:
+            if name not in artifacts:
+                reason = self.metadata.skipped_formats.get(name, "not exported")
+                self._note(name, f"skipped: {reason}")
+                continue
+            path = self.export_dir / artifacts[name].file
+            if not path.exists():
+                self._note(name, f"failed: {path} is missing")
+                continue
+            digest, _ = FORMATS[name].digest(path)
+            if digest != artifacts[name].sha256:
+                # A replaced file would be paired with a threshold chosen for other weights.
+                self._note(name, f"failed: sha256 of {path.name} differs from metadata.json (the file changed "
+                                 f"after export; rerun `dvc repro export`)")
+                continue
+            try:
+                loaded = open_exported(name, path)
+            except ExportedModelError as exc:
+                self._note(name, f"failed: {exc}")
+                continue
+            self._note(name, f"loaded {path}")
+            return loaded
+        raise ModelUnavailableError(f"no export format in {self.export_dir} could be loaded:\n  "
+                                    + "\n  ".join(self.load_report)
+                                    + "\nRerun `dvc repro export` to rebuild the export folder.")
+
+    def _note(self, name: str, message: str) -> None:
+        line = f"{name}: {message}"
+        self.load_report.append(line)
+        (log.info if message.startswith("loaded") else log.warning)(line)
+
+    # --- prediction ---------------------------------------------------------------------------------------
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocess_params.image_size
+
+    @property
+    def gradcam_available(self) -> bool:
+        return self._model.keras_model is not None
+
+    def prepare(self, source: bytes | str | Path, name: str | None = None) -> np.ndarray:
+        """The model's input for one file or its bytes: uint8 (S, S, 1), exactly as the pipeline caches it."""
+        return preprocess_image(source, self.preprocess_params, name=name, max_pixels=self.serve_params.max_pixels,
+                                dicom_window=self.serve_params.dicom_window)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Cancer probabilities (N,) for prepared images (N, S, S, 1) uint8."""
+        with self._lock:
+            return self._model.predict(np.ascontiguousarray(images, dtype=np.uint8))
+
+    def heatmaps(self, images: np.ndarray) -> np.ndarray:
+        """Grad-CAM maps (N, S, S) in [0, 1]; only for the Keras formats."""
+        if not self.gradcam_available:
+            raise ModelUnavailableError(f"Grad-CAM needs a Keras model; the loaded format is {self.format}")
+        # Grad-CAM needs TensorFlow's gradient tape: imported only when a heatmap is asked for.
+        from chestct.evaluation.gradcam import gradcam
+
+        with self._lock:
+            return gradcam(self._model.keras_model, images)
+
+    def decide(self, filename: str, image: np.ndarray, probability: float,
+               heatmap: np.ndarray | None = None) -> Prediction:
+        is_cancer = bool(decide(probability, self.threshold))
+        return Prediction(filename=filename, diagnosis=CLASS_NAMES[int(is_cancer)],
+                          cancer_probability=float(probability),
+                          confidence=float(probability if is_cancer else 1.0 - probability),
+                          threshold=self.threshold, model_format=self.format, model_sha256=self.sha256,
+                          model_input=image, heatmap=heatmap)
+
+    def predict(self, sources: list[tuple[str, bytes | str | Path]], gradcam: bool = False) -> list[Prediction]:
+        """Predict (name, bytes-or-path) pairs. Every input is decoded first, so a bad file fails the call
+        with an ImageDecodeError naming it before any model work is done."""
+        images = np.stack([self.prepare(source, name) for name, source in sources]) if sources else None
+        if images is None:
+            return []
+        probabilities = self.probabilities(images)
+        maps = self.heatmaps(images) if gradcam and self.gradcam_available else [None] * len(images)
+        return [self.decide(name, image, probability, heatmap)
+                for (name, _), image, probability, heatmap in zip(sources, images, probabilities, maps, strict=True)]
+
+    def predict_file(self, path: str | Path, gradcam: bool = False) -> Prediction:
+        return self.predict([(str(path), path)], gradcam=gradcam)[0]
+
+    def info(self) -> dict:
+        """What the service shows about its model."""
+        return {"format": self.format, "sha256": self.sha256, "export_dir": str(self.export_dir),
+                "backbone": self.metadata.backbone, "weights": self.metadata.weights,
+                "threshold": self.threshold, "threshold_method": self.metadata.threshold_method,
+                "threshold_chosen_on": self.metadata.threshold_chosen_on,
+                "image_size": self.image_size, "gradcam_available": self.gradcam_available,
+                "load_report": self.load_report, "metrics": self.metadata.metrics,
+                "schema_version": self.metadata.schema_version, "versions": self.metadata.versions,
+                "limits": self.serve_params.model_dump(mode="json")}

@@ -1,0 +1,1 @@
+"""The model and its training: backbone registry, custom layers, losses, augmentation, tf.data, the loop."""

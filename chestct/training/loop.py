@@ -1,0 +1,223 @@
+"""One training phase: seeding, precision, strategy, callbacks on an exact validation AUC, dvclive logging.
+
+Both phases select, reduce the learning rate and stop early on the ROC AUC computed by scikit-learn from
+predictions over the whole validation set (Keras' streaming AUC collapses to 0.5 when outputs saturate), with
+mode='max' set explicitly. The best model by that AUC is what the phase writes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from sklearn.metrics import roc_auc_score
+
+from chestct.atomic_io import atomic_path, write_json
+from chestct.errors import ChestctError
+from chestct.imaging.processed import SplitArrays, load_split
+from chestct.params import Params, PhaseParams
+from chestct.training.input_pipeline import training_dataset, validation_dataset
+from chestct.training.losses import make_loss
+
+MONITOR = "val_auc"
+
+
+class TrainingError(ChestctError, RuntimeError):
+    """Training cannot start or produced nothing usable; the message says why."""
+
+
+def configure_determinism(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and TensorFlow; optionally make TensorFlow ops deterministic."""
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def cpu_supports_bfloat16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto`: mixed_float16 on a GPU, mixed_bfloat16 on a CPU that supports it, else float32."""
+    if precision != "auto":
+        return precision
+    if tf.config.list_physical_devices("GPU"):
+        return "mixed_float16"
+    return "mixed_bfloat16" if cpu_supports_bfloat16() else "float32"
+
+
+def configure_precision(precision: str) -> str:
+    policy = resolve_precision(precision)
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
+def onednn_enabled() -> bool:
+    """Whether TensorFlow runs its oneDNN kernels (chestct turns them on unless TF_ENABLE_ONEDNN_OPTS says 0)."""
+    return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower() in ("1", "true")
+
+
+def make_strategy(distribute: str) -> tf.distribute.Strategy:
+    """`mirrored`: every visible GPU on this host (one CPU replica where there is none); `none`: default."""
+    if distribute == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def exact_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    return float(roc_auc_score(labels, scores))
+
+
+class ValidationAUC(keras.callbacks.Callback):
+    """Predicts the whole validation set once per epoch and adds val_auc, val_loss and learning_rate to logs.
+
+    It must run before the callbacks that read those logs (early stopping, LR schedule, checkpoint, dvclive).
+    """
+
+    def __init__(self, dataset: tf.data.Dataset, labels: np.ndarray, loss: keras.losses.Loss):
+        super().__init__()
+        self.dataset = dataset
+        self.labels = labels.astype(np.float32).reshape(-1, 1)
+        self.loss = loss
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is None:
+            return
+        scores = self.model.predict(self.dataset, verbose=0).astype(np.float32).reshape(-1, 1)
+        logs[MONITOR] = exact_auc(self.labels.ravel(), scores.ravel())
+        logs["val_loss"] = float(keras.ops.convert_to_numpy(keras.ops.mean(self.loss(self.labels, scores))))
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
+class EpochReport(keras.callbacks.Callback):
+    """One line per epoch with the figures that matter and an estimate of the time left."""
+
+    def __init__(self, phase: str, epochs: int):
+        super().__init__()
+        self.phase, self.epochs = phase, epochs
+        self.best = -math.inf
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        elapsed = time.perf_counter() - self.started
+        per_epoch = elapsed / (epoch + 1)
+        remaining = per_epoch * (self.epochs - epoch - 1)
+        auc = logs.get(MONITOR, float("nan"))
+        marker = " *best*" if auc > self.best else ""
+        self.best = max(self.best, auc)
+        print(f"{self.phase} epoch {epoch + 1}/{self.epochs}  loss {logs.get('loss', float('nan')):.4f}  "
+              f"val_loss {logs.get('val_loss', float('nan')):.4f}  val_auc {auc:.4f}{marker}  "
+              f"lr {logs.get('learning_rate', float('nan')):.1e}  {per_epoch:.1f} s/epoch  "
+              f"ETA {remaining / 60:.1f} min (at most)", flush=True)
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    best_val_auc: float
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return {"best_val_auc": self.best_val_auc, "best_epoch": self.best_epoch,
+                "epochs_run": self.epochs_run, "seconds": round(self.seconds, 1)}
+
+
+def _check_validation(valid: SplitArrays) -> None:
+    if len(np.unique(valid.labels)) < 2:
+        raise TrainingError("the validation split holds only one class, so its ROC AUC is undefined; "
+                            "check split.dedup (drop_leaks can empty valid of normals) or use regroup")
+
+
+def compile_for_phase(model: keras.Model, params: Params, phase: PhaseParams) -> keras.losses.Loss:
+    loss = make_loss(params.train.loss)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=phase.learning_rate), loss=loss)
+    return loss
+
+
+def train_phase(model: keras.Model, loss: keras.losses.Loss, train: SplitArrays, valid: SplitArrays,
+                params: Params, phase: PhaseParams, phase_name: str, model_path: Path, live_dir: Path,
+                seed_offset: int = 0) -> PhaseResult:
+    """Fit one phase; write the best model by validation AUC to `model_path` and dvclive logs to `live_dir`."""
+    from dvclive import Live
+    from dvclive.keras import DVCLiveCallback
+
+    _check_validation(valid)
+    settings = params.train
+    train_ds = training_dataset(train, params.augment, settings, params.seed + seed_offset)
+    valid_ds = validation_dataset(valid, settings.validation_batch_size)
+    checkpoint_dir = Path(tempfile.mkdtemp(prefix=f"chestct-{phase_name}-"))
+    checkpoint = checkpoint_dir / model_path.name
+    live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+    callbacks = [
+        ValidationAUC(valid_ds, valid.labels, loss),  # first: the others read what it logs
+        keras.callbacks.ModelCheckpoint(checkpoint, monitor=MONITOR, mode="max", save_best_only=True),
+        keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=settings.early_stopping_patience,
+                                      restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", factor=settings.reduce_lr.factor,
+                                          patience=settings.reduce_lr.patience, min_lr=settings.reduce_lr.min_lr),
+        DVCLiveCallback(live=live),
+        EpochReport(phase_name, phase.epochs),
+    ]
+    started = time.perf_counter()
+    try:
+        history = model.fit(train_ds, epochs=phase.epochs, steps_per_epoch=settings.steps_per_epoch,
+                            callbacks=callbacks, verbose=0)
+        if not checkpoint.exists():
+            raise TrainingError(f"{phase_name}: no epoch produced a checkpoint (validation AUC was never finite)")
+        with atomic_path(model_path) as temp:
+            shutil.copyfile(checkpoint, temp)
+    finally:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    aucs = history.history[MONITOR]  # Keras' History runs last, so it sees what ValidationAUC logged
+    best_epoch = int(np.nanargmax(aucs))
+    return PhaseResult(float(aucs[best_epoch]), best_epoch + 1, len(aucs),
+                       time.perf_counter() - started)
+
+
+def count_trainable_parameters(model: keras.Model) -> int:
+    return int(sum(np.prod(weight.shape) for weight in model.trainable_weights))
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    train: SplitArrays
+    valid: SplitArrays
+    strategy: tf.distribute.Strategy
+    precision: str
+
+    def describe(self) -> str:
+        kernels = "oneDNN" if onednn_enabled() else "Eigen (oneDNN off)"
+        return (f"precision {self.precision}, {kernels} kernels, {self.strategy.num_replicas_in_sync} replica(s); "
+                f"train {len(self.train)}, valid {len(self.valid)}")
+
+
+def prepare_training(params: Params, processed_dir: Path) -> TrainingSetup:
+    """What both phases do first: seeds, precision policy, the cached arrays and the distribution strategy."""
+    configure_determinism(params.seed, params.train.deterministic)
+    precision = configure_precision(params.train.precision)
+    train = load_split(processed_dir / "train.npz")
+    valid = load_split(processed_dir / "valid.npz")
+    return TrainingSetup(train, valid, make_strategy(params.train.distribute), precision)
+
+
+def save_phase_metrics(path: Path, result: PhaseResult, model: keras.Model, **extra: int) -> None:
+    """metrics/train_phase*.json: only deterministic figures, so reruns compare equal (no wall times)."""
+    write_json(path, {"best_val_auc": result.best_val_auc, "best_epoch": result.best_epoch,
+                      "epochs_run": result.epochs_run, "trainable_parameters": count_trainable_parameters(model),
+                      **extra})
