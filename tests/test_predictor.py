@@ -165,3 +165,38 @@ def test_concurrent_predictions_match_sequential_ones(predictor, phantoms):
     assert len(results) == 18
     for (_, name), probability in results.items():
         assert probability == pytest.approx(expected[name], abs=1e-6)
+
+
+def _with_metadata(tiny_export, tmp_path, change) -> object:
+    export = copy_export(tiny_export, tmp_path)
+    metadata = json.loads((export / "metadata.json").read_text())
+    change(metadata)
+    (export / "metadata.json").write_text(json.dumps(metadata))
+    return export
+
+
+def test_metadata_records_its_schema_versions_and_input_contract(tiny_export):
+    metadata = json.loads((tiny_export / "metadata.json").read_text())
+    assert metadata["schema_version"] == "2.0"
+    assert set(metadata["versions"]) == {"chestct", "tensorflow", "keras"}
+    assert metadata["input"] == {**metadata["input"], "name": "image", "dtype": "uint8", "shape": [64, 64, 1],
+                                 "value_range": [0.0, 255.0]}
+    assert metadata["output"]["value_range"] == [0.0, 1.0]
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda m: m.update(schema_version="3.0"), r"schema version 3\.0, this chestct reads major version 2"),
+    (lambda m: m.pop("schema_version"), r"schema version 1, this chestct reads major version 2"),
+    (lambda m: m.pop("threshold"), r"does not match the export metadata schema 2\.0 \(threshold: Field required"),
+])
+def test_metadata_of_another_major_version_or_shape_is_refused_saying_what_to_do(tiny_export, tmp_path, change,
+                                                                                 message):
+    export = _with_metadata(tiny_export, tmp_path, change)
+    with pytest.raises(ModelUnavailableError, match=message) as error:
+        Predictor(export)
+    assert "dvc repro export" in str(error.value)
+
+
+def test_metadata_of_a_newer_minor_version_with_extra_fields_still_loads(tiny_export, tmp_path):
+    export = _with_metadata(tiny_export, tmp_path, lambda m: m.update(schema_version="2.7", added_later={"x": 1}))
+    assert Predictor(export).threshold == json.loads((tiny_export / "metadata.json").read_text())["threshold"]
