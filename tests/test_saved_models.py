@@ -43,7 +43,7 @@ def test_a_model_saved_before_the_package_move_loads_and_predicts_the_same(old_m
 
 
 def test_the_registry_order_is_the_predictors_default_and_names_are_unique():
-    assert FORMAT_ORDER == tuple(FORMATS) and FORMAT_ORDER[0] == "keras"
+    assert tuple(FORMATS) == FORMAT_ORDER and FORMAT_ORDER[0] == "keras"
     assert len({fmt.file_name for fmt in FORMATS.values()}) == len(FORMATS)
 
 
