@@ -21,7 +21,7 @@ Rows:
 
 Ratios are measured in one run on one machine; absolute seconds vary with its load.
 
-Images: `--real DIR` preprocesses the Kaggle train/valid folders with `chestct.imaging`; otherwise random
+Images: `--real DIR` preprocesses the Kaggle train/valid folders with `chestct.imaging.preprocess`; otherwise random
 images of the same size and count (613 train, 72 valid).
 """
 

@@ -37,6 +37,30 @@ def test_preprocess_saves_the_model_view_and_reports_bad_files(tmp_path, capsys)
     assert "broken.png: skipped" in capsys.readouterr().err
 
 
+def test_preprocess_of_a_dicom_uses_the_serve_dicom_window_from_params(tmp_path, capsys):
+    import yaml
+
+    from chestct.imaging.preprocess import preprocess_gray
+    from chestct.imaging.transforms import apply_window
+    from chestct.params import load_params
+    from tests.dicom_factory import make_ct_dicom
+
+    hu = np.round(np.tile(np.linspace(-1200, 400, 64), (48, 1)))  # a left-to-right Hounsfield ramp, whole HU
+    scan = tmp_path / "slice.dcm"
+    scan.write_bytes(make_ct_dicom(hu))
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    outputs = {}
+    for center, width in ((-600, 1500), (40, 400)):  # lung and soft-tissue windows give different images
+        raw["serve"]["dicom_window"] = {"center": center, "width": width}
+        params_file = tmp_path / f"params_{center}.yaml"
+        params_file.write_text(yaml.safe_dump(raw))
+        main(["preprocess", str(scan), "--out-dir", str(tmp_path / str(center)), "--params", str(params_file)])
+        outputs[center] = np.asarray(Image.open(tmp_path / str(center) / "slice.png"))
+        expected = preprocess_gray(apply_window(hu, center, width), load_params(params_file).preprocess)
+        np.testing.assert_array_equal(outputs[center], expected[:, :, 0])
+    assert not np.array_equal(outputs[-600], outputs[40])
+
+
 def test_predict_prints_one_line_per_file_and_reports_bad_ones(tiny_export, tmp_path, capsys):
     from tests.serving_support import phantom_images, png_bytes
 

@@ -147,3 +147,10 @@ def test_phantom_round_trip_recovers_the_grey_levels():
     back = decode(data)
     assert back.shape == gray.shape
     assert np.abs(back.astype(int) - gray.astype(int)).max() <= 1
+
+
+def test_decoding_a_dicom_without_a_window_is_refused_not_guessed():
+    from chestct.imaging.decode import decode_grayscale
+
+    with pytest.raises(UnsupportedImageError, match=r"slice\.dcm: DICOM input here needs a Hounsfield window"):
+        decode_grayscale(make_ct_dicom(np.zeros((8, 8))), "slice.dcm")

@@ -52,7 +52,7 @@ def test_processed_arrays_match_the_manifest(repo):
 
 
 def test_server_path_equals_cached_array(repo, default_params):
-    """The one preprocessing: calling chestct.imaging on a raw file gives the cached array."""
+    """The one preprocessing: calling chestct.imaging.preprocess on a raw file gives the cached array."""
     from chestct.imaging.preprocess import preprocess_image
 
     params = default_params.preprocess.model_copy(update={"image_size": 32})

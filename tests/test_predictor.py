@@ -51,7 +51,7 @@ def test_falls_back_past_a_replaced_and_a_broken_file_and_says_why(tiny_export, 
 
     metadata["artifacts"]["h5"]["sha256"] = artifact_digest(export / "chestct.h5")[0]  # matches, cannot load
     (export / "metadata.json").write_text(json.dumps(metadata))
-    with caplog.at_level("INFO", logger="chestct.predictor"):
+    with caplog.at_level("INFO", logger="chestct.serving.predictor"):
         predictor = Predictor(export)
     assert predictor.format == "savedmodel" and not predictor.gradcam_available
     keras_line, h5_line, loaded_line = predictor.load_report

@@ -3,7 +3,7 @@
 Grad-CAM (Selvaraju et al., 2017): for a 4-D feature map A (B, h, w, C) and the score y, each channel's weight
 is the spatial mean of dy/dA; the map is relu(sum_c weight_c * A_c), upsampled to the image size. Here y is
 the sigmoid output itself (the cancer probability), and A is by default the attention-weighted backbone map
-("spatial_attention", see `chestct.model.last_conv_layer_name`), which lives in the outer graph: the model
+("spatial_attention", see `chestct.training.model.last_conv_layer_name`), which lives in the outer graph: the model
 is split there into image -> A and A -> prediction, and the tape watches A itself.
 
 Heatmaps are normalised per image to [0, 1] by their maximum: they show where, not how strongly, so maps of

@@ -33,7 +33,7 @@ from chestct.imaging.errors import (
 from chestct.serving.predictor import ModelUnavailableError, Prediction, Predictor
 from chestct.serving.uploads import UploadError, read_uploads
 
-log = logging.getLogger("chestct.app")
+log = logging.getLogger("chestct.serving.app")
 STATIC = Path(__file__).parent / "static"
 
 # Which 4xx each kind of unreadable image gets.

@@ -25,7 +25,7 @@ from chestct.export.metadata import METADATA_FILE, ExportMetadata, MetadataError
 from chestct.imaging.preprocess import preprocess_image
 from chestct.labels import CLASS_NAMES
 
-log = logging.getLogger("chestct.predictor")
+log = logging.getLogger("chestct.serving.predictor")
 
 DEFAULT_EXPORT_DIR = Path("models/export")
 EXPORT_DIR_ENV = "CHESTCT_EXPORT_DIR"
