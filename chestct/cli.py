@@ -10,10 +10,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 from pathlib import Path
 
 import yaml
+from PIL import Image
 
 from chestct.errors import ChestctError
 from chestct.export.formats import FORMAT_ORDER, export_format
@@ -52,8 +55,6 @@ def _check_params(args: argparse.Namespace) -> None:
 
 
 def _preprocess(args: argparse.Namespace) -> None:
-    from PIL import Image
-
     from chestct.imaging.preprocess import preprocess_image
 
     params = load_params(args.params)
@@ -90,11 +91,6 @@ def _format_order(args: argparse.Namespace) -> tuple[str, ...] | None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    import json
-    import logging
-
-    from PIL import Image
-
     from chestct.evaluation.gradcam import overlay
     from chestct.serving.predictor import Predictor
 
@@ -137,8 +133,6 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _evaluate_external(args: argparse.Namespace) -> None:
-    import logging
-
     from chestct.external.report import summary_lines
     from chestct.external.validation import evaluate_external
 

@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from chestct.atomic_io import atomic_path
+from chestct.data.phantoms import generate_phantom_dataset
 from chestct.errors import ChestctError
 from chestct.labels import SPLITS, subtype_of_folder
 from chestct.params import DataParams
@@ -134,6 +135,8 @@ def extract_zip(zip_path: Path, destination: Path, progress: bool = True) -> int
 def download_kaggle(dataset: str) -> Path:
     """Download (or reuse kagglehub's cache of) the public dataset; anonymous unless credentials exist."""
     try:
+        # Imported only for data.source kaggle: kagglehub reads credentials and config when it loads, and a local
+        # or synthetic run should not depend on that.
         import kagglehub
 
         return Path(kagglehub.dataset_download(dataset))
@@ -164,8 +167,6 @@ def acquire_dataset(params: DataParams, raw_dir: Path, progress: bool = True) ->
     with atomic_path(raw_dir) as temp_raw:
         data_dest = temp_raw / DATA_FOLDER
         if params.source == "synthetic":
-            from chestct.data.phantoms import generate_phantom_dataset
-
             generate_phantom_dataset(temp_raw, params.synthetic, progress=progress)
             check_layout(data_dest)
             origin = "synthetic phantoms"

@@ -6,6 +6,9 @@ everywhere: `export.formats` in params.yaml, metadata.json, the predictor's defa
 CLI's `--formats` help and metrics/export.json. Adding a format is one entry in FORMATS; the tests iterate it.
 
 Every loader takes the cached uint8 images (N, S, S, 1) and returns float64 probabilities (N,).
+
+TensorFlow and the Keras model code are imported inside the writers and loaders, not at the top: the registry is
+read without them (`chestct check-params`, the predictor's format order, the service's metadata checks).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+from tqdm import tqdm
 
 from chestct.errors import ChestctError
 from chestct.labels import CANCER, CLASS_NAMES, NORMAL
@@ -159,8 +160,6 @@ def sha256_of(path: Path) -> str:
 
 def hash_files(files: Sequence[ExternalFile], progress: bool = True) -> tuple[dict[str, str], dict[str, str]]:
     """sha256 per relative path, and the reason for each file that could not be read at all."""
-    from tqdm import tqdm
-
     digests, errors = {}, {}
     for item in tqdm(files, desc="hashing", unit="file", disable=not progress):
         if not item.path.is_file():

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure  # the object API: no pyplot, no display backend, no global state
 
 from chestct.atomic_io import atomic_path, write_json
 from chestct.errors import ChestctError
@@ -70,8 +72,6 @@ def gradcam_tiles(predictor, rows: Sequence[ExternalFile], labels: np.ndarray, s
 
 def message_png(path: Path, title: str, message: str) -> None:
     """A small PNG that says why a chart is empty, so the report folder always holds the same files."""
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=(6.4, 2.4))
     axis = figure.subplots()
     axis.axis("off")
@@ -82,8 +82,6 @@ def message_png(path: Path, title: str, message: str) -> None:
 
 
 def write_csv(path: Path, table: list[dict]) -> None:
-    import pandas as pd
-
     with atomic_path(path) as temp:
         # Default float formatting writes each probability's shortest round-trip repr: nothing is rounded away.
         pd.DataFrame(table, columns=list(CSV_COLUMNS)).to_csv(temp, index=False)

@@ -18,6 +18,8 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from dvclive import Live
+from dvclive.keras import DVCLiveCallback
 from sklearn.metrics import roc_auc_score
 
 from chestct.atomic_io import atomic_path, write_json
@@ -154,9 +156,6 @@ def train_phase(model: keras.Model, loss: keras.losses.Loss, train: SplitArrays,
                 params: Params, phase: PhaseParams, phase_name: str, model_path: Path, live_dir: Path,
                 seed_offset: int = 0) -> PhaseResult:
     """Fit one phase; write the best model by validation AUC to `model_path` and dvclive logs to `live_dir`."""
-    from dvclive import Live
-    from dvclive.keras import DVCLiveCallback
-
     _check_validation(valid)
     settings = params.train
     train_ds = training_dataset(train, params.augment, settings, params.seed + seed_offset)
