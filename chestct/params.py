@@ -262,12 +262,28 @@ class ThresholdParams(Section):
     fixed: Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
+class RobustnessParams(Section):
+    enabled: bool
+    gamma: list[Annotated[float, Field(gt=0.0, le=10.0)]]
+    window_shift: list[Annotated[float, Field(gt=-1.0, lt=1.0)]]
+    window_width: list[Annotated[float, Field(ge=0.1, le=10.0)]]
+    contrast: list[Annotated[float, Field(gt=0.0, le=10.0)]]
+    jpeg_quality: list[Annotated[int, Field(ge=1, le=100)]]
+    rescale: list[Annotated[float, Field(gt=0.0, lt=1.0)]]
+    noise_std: list[Annotated[float, Field(gt=0.0, lt=1.0)]]
+    blur_sigma: list[Annotated[float, Field(gt=0.0, le=20.0)]]
+    field_of_view: list[Annotated[float, Field(ge=0.3, le=3.0)]]
+    histogram_match: bool
+
+
 class EvaluateParams(Section):
     threshold: ThresholdParams
     bootstrap_resamples: Annotated[int, Field(ge=100)]
     confidence_level: Annotated[float, Field(gt=0.5, lt=1.0)]
     histogram_bins: Annotated[int, Field(ge=2, le=256)]
     gradcam_images: NonNegativeInt
+    attention: bool
+    robustness: RobustnessParams
 
 
 class ExportParams(Section):

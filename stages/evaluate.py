@@ -1,4 +1,4 @@
-"""evaluate stage: threshold on validation, metrics with CIs on test/valid/leak-free test, shortcut audit, plots."""
+"""evaluate stage: threshold on validation; metrics with CIs; shortcut, attention and robustness audits; plots."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import pandas as pd
 from chestct.atomic_io import write_json
 from chestct.decision import DECISION_RULE
 from chestct.evaluation import plots
+from chestct.evaluation.attention import anatomy_masks, attention_report, outline
 from chestct.evaluation.gradcam import gradcam, overlay
+from chestct.evaluation.input_cues import input_shortcut_audit
+from chestct.evaluation.robustness import build_perturbations, raw_reference, robustness_report
 from chestct.evaluation.scoring import gradcam_selection, leak_free_mask, predict_scores, roc_band_for, split_metrics
-from chestct.evaluation.shortcuts import shortcut_audit
+from chestct.evaluation.shortcuts import raw_grayscale, shortcut_audit
 from chestct.evaluation.thresholds import choose_threshold
 from chestct.imaging.processed import load_split
 from chestct.params import load_params
@@ -25,6 +28,34 @@ MODEL = Path("models/phase2.keras")
 THRESHOLD = Path("models/threshold.json")
 METRICS = Path("metrics/eval.json")
 PLOTS = Path("plots/eval")
+
+
+def _robustness(model, train_gray, test_gray, test, clean_auc, threshold, params) -> dict:
+    """The acquisition-robustness suite on the raw test images (evaluate.robustness)."""
+    settings = params.evaluate
+    reference = raw_reference(train_gray) if settings.robustness.histogram_match else None
+    suite = build_perturbations(settings.robustness, reference)
+    report = robustness_report(lambda images: predict_scores(model, images, params.train.validation_batch_size),
+                               test_gray, test.labels, threshold, clean_auc, suite, params.preprocess,
+                               settings.confidence_level, settings.bootstrap_resamples, params.seed)
+    plots.robustness_csv(PLOTS / "robustness.csv", report)
+    plots.robustness_png(PLOTS / "robustness.png", report, settings.confidence_level)
+    return {**report["perturbations"], "clean_auc": report["clean_auc"], "worst_auc": report["worst_auc"],
+            "worst": report["worst"], "worst_drop": report["worst_drop"]}
+
+
+def _gradcam_grid(model, test, test_scores, threshold, settings, masks) -> None:
+    picks = gradcam_selection(test.labels, test_scores, threshold, settings.gradcam_images)
+    if not picks:
+        return
+    indices = [index for index, _ in picks]
+    heatmaps = gradcam(model, test.images[indices])
+    bodies, lungs = masks if masks is not None else anatomy_masks(test.images[indices])
+    if masks is not None:
+        bodies, lungs = bodies[indices], lungs[indices]
+    tiles = [(outline(overlay(test.images[index], heatmap), body, lung), f"{kind} p={test_scores[index]:.2f}")
+             for (index, kind), heatmap, body, lung in zip(picks, heatmaps, bodies, lungs, strict=True)]
+    plots.gradcam_grid_png(PLOTS / "gradcam.png", tiles)
 
 
 def main() -> None:
@@ -46,38 +77,54 @@ def main() -> None:
 
     test_scores = predict_scores(model, test.images, batch)
     leak_free = leak_free_mask(test, manifest)
+    train_gray, test_gray = raw_grayscale(train.ids, RAW_DATA), raw_grayscale(test.ids, RAW_DATA)
     metrics = {
         "threshold": choice,
         "test": split_metrics(test, test_scores, threshold, settings, seed),
         "valid": split_metrics(valid, valid_scores, threshold, settings, seed),
         "test_leak_free": split_metrics(test, test_scores, threshold, settings, seed, members=leak_free),
-        "shortcut": shortcut_audit(model, train, test, test_scores, manifest, RAW_DATA, settings, batch),
+        "shortcut": shortcut_audit(model, train, test, test_scores, manifest, train_gray, test_gray, settings, batch)
+        | input_shortcut_audit(train.images, train.labels, test.images, test.labels, settings.histogram_bins),
     }
+    masks = None
+    if settings.attention:
+        masks = anatomy_masks(test.images)
+        metrics["attention"] = attention_report(gradcam(model, test.images), test.labels, *masks)
+    if settings.robustness.enabled:
+        metrics["robustness"] = _robustness(model, train_gray, test_gray, test, metrics["test"]["auc"], threshold,
+                                            params)
     write_json(METRICS, metrics)
 
     curves = {"test": (test.labels, test_scores), "valid": (valid.labels, valid_scores)}
     plots.write_plot_data(PLOTS, curves, threshold)
     plots.roc_png(PLOTS / "roc.png", roc_band_for(test.labels, test_scores, settings, seed), curves, metrics,
-                       threshold)
+                  threshold)
     plots.score_histogram_png(PLOTS / "scores.png", test.labels, test_scores, threshold)
     plots.confusion_png(PLOTS / "confusion.png", metrics["test"])
     plots.calibration_png(PLOTS / "calibration.png", curves)
-    picks = gradcam_selection(test.labels, test_scores, threshold, settings.gradcam_images)
-    if picks:
-        indices = [index for index, _ in picks]
-        heatmaps = gradcam(model, test.images[indices])
-        tiles = [(overlay(test.images[index], heatmap), f"{kind} p={test_scores[index]:.2f}")
-                 for (index, kind), heatmap in zip(picks, heatmaps, strict=True)]
-        plots.gradcam_grid_png(PLOTS / "gradcam.png", tiles)
+    _gradcam_grid(model, test, test_scores, threshold, settings, masks)
+    _print_summary(metrics, choice)
 
+
+def _print_summary(metrics: dict, choice: dict) -> None:
     t, lf, sc = metrics["test"], metrics["test_leak_free"], metrics["shortcut"]
-    print(f"evaluate: threshold {threshold:.4f} ({choice['method']}, chosen on validation)")
+    print(f"evaluate: threshold {choice['threshold']:.4f} ({choice['method']}, chosen on validation)")
     print(f"  test      n={t['n']} ({t['n_normal']} normal): AUC {t['auc']:.3f} {t['auc_ci']}, "
           f"sensitivity {t['sensitivity']:.3f}, specificity {t['specificity']:.3f}")
     print(f"  leak-free n={lf['n']} ({lf['n_normal']} normal): sensitivity {lf['sensitivity']:.3f}, "
           f"specificity {lf['specificity']}")
-    print(f"  shortcuts: intensity {sc['intensity_std_auc']}, histogram {sc['histogram_auc']}, "
+    print(f"  shortcuts on the stored files: intensity {sc['intensity_std_auc']}, histogram {sc['histogram_auc']}, "
           f"geometry {sc['geometry_auc']}; model on histogram-matched test {sc['hist_matched_model_auc']}")
+    inputs = ", ".join(f"{key[6:-4]} {value:.3f}" for key, value in sc.items()
+                       if key.startswith("input_") and value is not None)
+    print(f"  shortcuts on the model's input: {inputs}")
+    if "attention" in metrics:
+        a = metrics["attention"]
+        print(f"  Grad-CAM mass in the body {a['in_body_share']}, in the lungs {a['in_lung_share']} "
+              f"({a['zero_maps']} all-zero maps, lungs not found in {a['lungs_not_found']})")
+    if "robustness" in metrics:
+        r = metrics["robustness"]
+        print(f"  robustness: worst AUC {r['worst_auc']} under {r['worst']} (clean {r['clean_auc']})")
 
 
 if __name__ == "__main__":

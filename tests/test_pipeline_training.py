@@ -107,14 +107,24 @@ def test_evaluate_writes_metrics_threshold_and_plots(evaluated_repo):
             assert key in metrics[section], (section, key)
     assert metrics["test_leak_free"]["n"] < metrics["test"]["n"]  # the planted copies are left out
     assert set(metrics["shortcut"]) >= {"intensity_std_auc", "histogram_auc", "geometry_auc",
-                                        "hist_matched_model_auc"}
+                                        "hist_matched_model_auc", "input_intensity_std_auc", "input_histogram_auc",
+                                        "input_border_auc", "input_geometry_auc", "input_noise_auc",
+                                        "input_sharpness_auc"}
+    attention = metrics["attention"]
+    assert 0.0 <= attention["in_lung_share"] <= attention["in_body_share"] <= 1.0
+    assert attention["images"] == test_count and set(attention["by_class"]) == {"normal", "cancer"}
+    robust = metrics["robustness"]
+    assert robust["worst"] in robust and robust["worst_auc"] == min(
+        entry["auc"] for name, entry in robust.items() if isinstance(entry, dict))
+    assert robust["clean_auc"] == metrics["test"]["auc"] and "histogram_match" in robust
     threshold = json.loads((repo / "models/threshold.json").read_text())
     assert threshold["chosen_on"] == "valid" and threshold["threshold"] == metrics["test"]["threshold"]
-    for name in ("roc.png", "scores.png", "confusion.png", "calibration.png", "gradcam.png"):
+    for name in ("roc.png", "scores.png", "confusion.png", "calibration.png", "gradcam.png", "robustness.png"):
         assert (repo / "plots/eval" / name).stat().st_size > 5_000, name
     shown = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)
     charts = shown["data"]
-    for title in ("ROC (test and validation)", "Precision-recall", "Confusion matrix (test)", "Calibration"):
+    for title in ("ROC (test and validation)", "Precision-recall", "Confusion matrix (test)", "Calibration",
+                  "Robustness (test AUC per perturbation of the raw image)"):
         assert charts[title][0]["content"]["data"]["values"], title  # rendered with data, not just declared
     assert not shown.get("errors")
 

@@ -128,3 +128,39 @@ def gradcam_grid_png(path: Path, tiles: list[tuple[np.ndarray, str]], columns: i
         axis.set_title(caption, fontsize=8)
     figure.suptitle(title)
     _save(figure, path)
+
+
+def robustness_csv(path: Path, report: dict) -> None:
+    """One row per perturbation (AUC with its CI, sensitivity, specificity), for `dvc plots`."""
+    rows = [{"perturbation": name, "auc": entry["auc"],
+             "auc_low": entry["auc_ci"][0] if entry["auc_ci"] else None,
+             "auc_high": entry["auc_ci"][1] if entry["auc_ci"] else None,
+             "sensitivity": entry["sensitivity"], "specificity": entry["specificity"]}
+            for name, entry in report["perturbations"].items()]
+    _save_csv(pd.DataFrame(rows, columns=["perturbation", "auc", "auc_low", "auc_high", "sensitivity",
+                                          "specificity"]), path)
+
+
+def robustness_png(path: Path, report: dict, level: float) -> None:
+    """Test AUC per perturbation with its bootstrap interval, against the clean test AUC."""
+    names = list(report["perturbations"])
+    entries = [report["perturbations"][name] for name in names]
+    figure = Figure(figsize=(6.4, 0.32 * len(names) + 1.6))
+    axis = figure.subplots()
+    positions = np.arange(len(names))
+    aucs = np.array([np.nan if e["auc"] is None else e["auc"] for e in entries])
+    low = np.array([np.nan if not e["auc_ci"] else e["auc_ci"][0] for e in entries])
+    high = np.array([np.nan if not e["auc_ci"] else e["auc_ci"][1] for e in entries])
+    axis.barh(positions, aucs, color="tab:blue", alpha=0.7)
+    axis.errorbar(aucs, positions, xerr=[aucs - low, high - aucs], fmt="none", ecolor="black", capsize=2)
+    if report.get("clean_auc") is not None:
+        axis.axvline(report["clean_auc"], color="tab:green", linestyle="--",
+                     label=f"clean test AUC {report['clean_auc']:.3f}")
+    axis.axvline(0.5, color="grey", linestyle=":", label="chance")
+    axis.set_yticks(positions, names, fontsize=8)
+    axis.invert_yaxis()
+    axis.set_xlim(0.0, 1.0)
+    axis.set_xlabel(f"test ROC AUC ({level:.0%} bootstrap interval)")
+    axis.set_title("Acquisition robustness: each perturbation applied to the raw image")
+    axis.legend(loc="lower left", fontsize=8)
+    _save(figure, path)

@@ -152,20 +152,22 @@ def shortcut_auc(train_X: np.ndarray, train_y: np.ndarray, test_X: np.ndarray, t
 # --- removing the global-intensity cue: histogram matching -------------------------------------------------
 
 
-def reference_quantiles(images: np.ndarray, points: int = 256) -> np.ndarray:
+def reference_quantiles(images: np.ndarray | Sequence[np.ndarray], points: int = 256) -> np.ndarray:
     """(points,) float64: the mean over (train) images of each image's pixel quantiles at linspace(0, 1, points).
 
     Averaging quantiles (not pooling pixels) gives a typical image's distribution, one fixed target that
-    every image, train or test, is matched to.
+    every image, train or test, is matched to. `images` is a stack (N, S, S[, 1]) or a list of any sizes.
     """
     if points < 2:
         raise ValueError(f"points must be >= 2, got {points}")
-    images = np.asarray(images)
-    if images.ndim < 2 or len(images) == 0:
-        raise ValueError(f"expected a stack of images (N, S, S[, 1]), got shape {images.shape}")
-    pixels = images.reshape(len(images), -1).astype(np.float64)
     probabilities = np.linspace(0.0, 1.0, points)
-    return np.quantile(pixels, probabilities, axis=1).mean(axis=1)
+    if isinstance(images, np.ndarray):
+        if images.ndim < 2 or len(images) == 0:
+            raise ValueError(f"expected a stack of images (N, S, S[, 1]), got shape {images.shape}")
+        pixels = images.reshape(len(images), -1).astype(np.float64)
+        return np.quantile(pixels, probabilities, axis=1).mean(axis=1)
+    quantiles = [np.quantile(image.astype(np.float64).ravel(), probabilities) for image in _as_image_list(images)]
+    return np.mean(quantiles, axis=0)
 
 
 def match_to_reference(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -215,18 +217,19 @@ def match_batch(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
 # --- the evaluate stage's audit -------------------------------------------------------------------------
 
 
-def _raw_grayscale(ids: np.ndarray, raw_data: Path) -> list[np.ndarray]:
+def raw_grayscale(ids: np.ndarray, raw_data: Path) -> list[np.ndarray]:
+    """The stored images of a split, decoded to grayscale as they are on disk (before any preprocessing)."""
     return [decode_grayscale(raw_data / str(image_id)) for image_id in ids]
 
 
 def shortcut_audit(model: keras.Model, train: SplitArrays, test: SplitArrays, test_scores: np.ndarray,
-                   manifest: pd.DataFrame, raw_data: Path, params: EvaluateParams, batch_size: int) -> dict:
+                   manifest: pd.DataFrame, train_gray: list[np.ndarray], test_gray: list[np.ndarray],
+                   params: EvaluateParams, batch_size: int) -> dict:
     """Trivial predictors fitted on train (on the images as stored), and the model on histogram-matched test.
 
     If a trivial predictor reaches the model's AUC, the test split cannot tell the model from a brightness
     rule; if the model's AUC drops on matched images, it leaned on global intensity.
     """
-    train_gray, test_gray = _raw_grayscale(train.ids, raw_data), _raw_grayscale(test.ids, raw_data)
     by_id = manifest.set_index("id")
     train_rows, test_rows = by_id.loc[train.ids.astype(str)], by_id.loc[test.ids.astype(str)]
 

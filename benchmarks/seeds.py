@@ -1,0 +1,149 @@
+"""Several seeds, one table: the headline figures of the pipeline as mean and standard deviation over seeds.
+
+    python -m benchmarks.seeds --seeds 3 [--real ../shared/data/chest-ctscan-images] [-S key=value ...]
+                               [--first-seed 42] [--out reports/seeds.json] [--keep DIR]
+
+One run is not a result: the same commit has given test AUC 0.934 on one machine and 1.000 on another. This
+builds one temporary copy of the project (with the real data through `data.source: local` when --real is given,
+else the tiny phantoms of the tests), applies the -S overrides (dotted keys, YAML values: `-S model.weights=null`),
+and for each seed sets `seed`, runs `dvc repro evaluate` (export is not needed for the figures) and reads
+metrics/*.json. DVC reruns only what the seed changes (split, training, evaluation), so the data is copied and
+preprocessed once. It prints each headline figure's mean, standard deviation and per-seed values, and writes them
+as JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from tests.pipeline_repo import make_pipeline_repo, run, update_params
+
+# (label, metrics file, dotted key) of every headline figure, in the order the table prints them.
+FIGURES = [
+    ("test AUC", "eval", "test.auc"),
+    ("test sensitivity", "eval", "test.sensitivity"),
+    ("test specificity", "eval", "test.specificity"),
+    ("leak-free test AUC", "eval", "test_leak_free.auc"),
+    ("validation AUC (phase 2 best)", "train_phase2", "best_val_auc"),
+    ("hist-matched test AUC", "eval", "shortcut.hist_matched_model_auc"),
+    ("robustness worst AUC", "eval", "robustness.worst_auc"),
+    ("intensity rule, stored files", "eval", "shortcut.intensity_std_auc"),
+    ("intensity rule, model input", "eval", "shortcut.input_intensity_std_auc"),
+    ("histogram rule, model input", "eval", "shortcut.input_histogram_auc"),
+    ("border rule, model input", "eval", "shortcut.input_border_auc"),
+    ("geometry rule, model input", "eval", "shortcut.input_geometry_auc"),
+    ("noise rule, model input", "eval", "shortcut.input_noise_auc"),
+    ("sharpness rule, model input", "eval", "shortcut.input_sharpness_auc"),
+    ("Grad-CAM share in the body", "eval", "attention.in_body_share"),
+    ("Grad-CAM share in the lungs", "eval", "attention.in_lung_share"),
+]
+
+
+def parse_override(text: str) -> dict:
+    """'model.head.units=[64]' -> {"model": {"head": {"units": [64]}}} (the value read as YAML)."""
+    if "=" not in text:
+        raise SystemExit(f"-S {text!r}: expected key=value")
+    key, value = text.split("=", 1)
+    nested: dict = yaml.safe_load(value) if value.strip() else None
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
+def _lookup(metrics: dict, dotted: str):
+    value = metrics
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def summarise(per_seed: list[dict]) -> dict:
+    """{label: {"mean", "sd", "values"}} over the seeds; sd is the sample standard deviation (ddof=1)."""
+    summary = {}
+    for label, _, _ in FIGURES:
+        values = [run_[label] for run_ in per_seed]
+        present = [value for value in values if value is not None]
+        summary[label] = {"mean": float(np.mean(present)) if present else None,
+                          "sd": float(np.std(present, ddof=1)) if len(present) > 1 else None,
+                          "values": values}
+    return summary
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def print_table(summary: dict, seeds: list[int]) -> None:
+    print(f"\n{'figure':<32}{'mean':>7}{'sd':>7}  per seed ({', '.join(map(str, seeds))})")
+    for label, entry in summary.items():
+        print(f"{label:<32}{_fmt(entry['mean']):>7}{_fmt(entry['sd']):>7}  "
+              f"{', '.join(_fmt(value) for value in entry['values'])}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds (default 3)")
+    parser.add_argument("--first-seed", type=int, default=42, help="seeds are first-seed, first-seed + 1, ...")
+    parser.add_argument("--real", type=Path, default=None, help="the chest-ctscan-images folder (data.source local)")
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params override, as for `dvc exp run -S` (repeatable)")
+    parser.add_argument("--out", type=Path, default=Path("reports/seeds.json"), help="where to write the JSON")
+    parser.add_argument("--keep", type=Path, default=None, help="build the project copy here and keep it")
+    args = parser.parse_args()
+
+    overrides: dict = {}
+    if args.real is not None:
+        # The copy starts from the tests' tiny settings: give the real data the project's own image size back.
+        project = yaml.safe_load(Path("params.yaml").read_text())
+        overrides = {"data": {"source": "local", "local_path": str(args.real.resolve())},
+                     "preprocess": {"image_size": project["preprocess"]["image_size"]}}
+    for text in args.overrides:
+        overrides = _merge(overrides, parse_override(text))
+    scratch = Path(tempfile.mkdtemp(prefix="chestct-seeds-"))
+    repo = make_pipeline_repo(args.keep or scratch / "project", overrides)
+    seeds = [args.first_seed + index for index in range(args.seeds)]
+    per_seed, worst_names = [], []
+    try:
+        for seed in seeds:
+            update_params(repo, {"seed": seed})
+            started = time.perf_counter()
+            run(["dvc", "repro", "evaluate"], repo)
+            metrics = {name: json.loads((repo / f"metrics/{name}.json").read_text())
+                       for name in ("eval", "train_phase2")}
+            per_seed.append({label: _lookup(metrics[file], key) for label, file, key in FIGURES})
+            worst_names.append(_lookup(metrics["eval"], "robustness.worst"))
+            print(f"seed {seed}: test AUC {_fmt(per_seed[-1]['test AUC'])}, worst robustness AUC "
+                  f"{_fmt(per_seed[-1]['robustness worst AUC'])} ({worst_names[-1]}), "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    summary = summarise(per_seed)
+    print_table(summary, seeds)
+    print(f"worst perturbation per seed: {', '.join(str(name) for name in worst_names)}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"seeds": seeds, "overrides": overrides, "summary": summary,
+                                    "worst_perturbation": worst_names}, indent=2) + "\n")
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
