@@ -104,12 +104,28 @@ class WindowParams(Section):
     width: Annotated[float, Field(gt=0.0, le=512.0)]
 
 
+class DenoiseParams(Section):
+    method: Literal["none", "nlmeans", "bilateral"]
+    strength: Annotated[float, Field(gt=0.0, le=10.0)]
+
+
 class PreprocessParams(Section):
     image_size: Annotated[int, Field(ge=16, le=2048)]
     resize_mode: Literal["pad", "stretch"]
+    crop: Literal["none", "body", "lungs"]
+    crop_margin: Annotated[float, Field(ge=0.0, le=0.5)]
     clahe: ClaheParams
     window: WindowParams
+    denoise: DenoiseParams
+    intensity: Literal["none", "equalise_in_mask", "percentile"]
+    percentile: tuple[Annotated[float, Field(ge=0.0, le=100.0)], Annotated[float, Field(ge=0.0, le=100.0)]]
     workers: Annotated[int, Field(ge=1, le=256)]
+
+    @model_validator(mode="after")
+    def _percentiles_ordered(self) -> PreprocessParams:
+        if self.percentile[0] >= self.percentile[1]:
+            raise ValueError(f"percentile must be [low, high] with low < high, got {list(self.percentile)}")
+        return self
 
 
 # --- model ------------------------------------------------------------------------------------------------
@@ -199,6 +215,39 @@ class HuWindowParams(Section):
         return self
 
 
+class WindowLevelParams(Section):
+    probability: Probability
+    shift: Annotated[float, Field(ge=0.0, lt=1.0)]
+    width: tuple[Annotated[float, Field(gt=0.0, le=10.0)], Annotated[float, Field(gt=0.0, le=10.0)]]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WindowLevelParams:
+        _ordered_pair(self.width, "width")
+        return self
+
+
+class NoiseParams(Section):
+    probability: Probability
+    std: Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class BlurParams(Section):
+    probability: Probability
+    sigma: Annotated[float, Field(gt=0.0, le=10.0)]
+    strength: Annotated[float, Field(ge=0.0, le=3.0)]
+
+
+class JpegParams(Section):
+    probability: Probability
+    quality: tuple[Annotated[int, Field(ge=1, le=100)], Annotated[int, Field(ge=1, le=101)]]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> JpegParams:
+        if self.quality[0] >= self.quality[1]:
+            raise ValueError(f"quality must be [low, high) with low < high, got {list(self.quality)}")
+        return self
+
+
 class MixupParams(Section):
     probability: Probability
     alpha: Annotated[float, Field(gt=0.0)]
@@ -214,6 +263,11 @@ class AugmentParams(Section):
     contrast: FactorRangeParams
     sharpness: FactorRangeParams
     hu_window: HuWindowParams
+    window_level: WindowLevelParams
+    gamma: FactorRangeParams
+    noise: NoiseParams
+    blur: BlurParams
+    jpeg: JpegParams
     mixup: MixupParams
 
 
@@ -248,6 +302,7 @@ class TrainParams(Section):
     deterministic: bool
     loss: LossParams
     early_stopping_patience: NonNegativeInt
+    selection: Literal["val_auc", "val_auc_robust"]
     reduce_lr: ReduceLrParams
     phase1: PhaseParams
     phase2: PhaseParams

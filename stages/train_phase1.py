@@ -16,6 +16,7 @@ from chestct.training.model import build_model
 from stages.errors import run_stage
 
 PROCESSED = Path("data/processed")
+ROBUST_VALID = Path("data/robust_valid")
 MODEL = Path("models/phase1.keras")
 LIVE = Path("live/phase1")
 METRICS = Path("metrics/train_phase1.json")
@@ -23,13 +24,14 @@ METRICS = Path("metrics/train_phase1.json")
 
 def main() -> None:
     params = load_params()
-    setup = prepare_training(params, PROCESSED)
+    setup = prepare_training(params, PROCESSED, ROBUST_VALID)
     with setup.strategy.scope():
         model = build_model(params.model, setup.train.image_size)
         loss = compile_for_phase(model, params, params.train.phase1)
     print(f"phase1: {params.model.backbone} (weights {params.model.weights}) at {setup.train.image_size} px, "
           f"{count_trainable_parameters(model):,} trainable parameters, {setup.describe()}", flush=True)
-    result = train_phase(model, loss, setup.train, setup.valid, params, params.train.phase1, "phase1", MODEL, LIVE)
+    result = train_phase(model, loss, setup.train, setup.valid, params, params.train.phase1, "phase1", MODEL, LIVE,
+                         robust_valid=setup.robust_valid)
     save_phase_metrics(METRICS, result, model)
     print(f"phase1: best validation AUC {result.best_val_auc:.4f} at epoch {result.best_epoch} "
           f"of {result.epochs_run}, {result.seconds:.0f} s -> {MODEL}")

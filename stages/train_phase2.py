@@ -16,6 +16,7 @@ from chestct.training.model import load_trained_model, unfreeze_for_finetuning
 from stages.errors import run_stage
 
 PROCESSED = Path("data/processed")
+ROBUST_VALID = Path("data/robust_valid")
 PHASE1_MODEL = Path("models/phase1.keras")
 MODEL = Path("models/phase2.keras")
 LIVE = Path("live/phase2")
@@ -24,7 +25,7 @@ METRICS = Path("metrics/train_phase2.json")
 
 def main() -> None:
     params = load_params()
-    setup = prepare_training(params, PROCESSED)
+    setup = prepare_training(params, PROCESSED, ROBUST_VALID)
     with setup.strategy.scope():
         model = load_trained_model(PHASE1_MODEL)
         unfrozen = unfreeze_for_finetuning(model, params.model)
@@ -32,7 +33,7 @@ def main() -> None:
     print(f"phase2: {unfrozen} backbone layers unfrozen, {count_trainable_parameters(model):,} trainable "
           f"parameters, {setup.describe()}", flush=True)
     result = train_phase(model, loss, setup.train, setup.valid, params, params.train.phase2, "phase2", MODEL, LIVE,
-                         seed_offset=1)
+                         seed_offset=1, robust_valid=setup.robust_valid)
     save_phase_metrics(METRICS, result, model, unfrozen_backbone_layers=unfrozen)
     print(f"phase2: best validation AUC {result.best_val_auc:.4f} at epoch {result.best_epoch} "
           f"of {result.epochs_run}, {result.seconds:.0f} s -> {MODEL}")

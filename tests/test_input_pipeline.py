@@ -198,3 +198,69 @@ def test_validation_yields_every_image_once_in_order_unchanged(arrays):
     assert images.dtype == np.float32 and labels.shape == (COUNT, 1)
     np.testing.assert_array_equal(images, arrays.images.astype(np.float32))
     np.testing.assert_array_equal(labels[:, 0], arrays.labels)
+
+
+# --- training from the unstandardised images: acquisition steps, then the standardisation in TensorFlow ---------
+
+ACQUISITION = ("window_level", "gamma", "noise", "blur", "jpeg")
+
+
+def masked_arrays(count: int = 24, normals: int = 10) -> SplitArrays:
+    """Disks of tissue (>= 1 inside, 0 outside) with a random window each; images = their equalisation."""
+    from chestct.imaging.standardise import equalise_in_mask
+
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    inside = (yy - 24) ** 2 + (xx - 24) ** 2 < 18**2
+    raw = rng.normal(90, 25, (count, SIZE, SIZE)) * rng.uniform(0.5, 1.5, (count, 1, 1))
+    unstandardised = np.where(inside, np.clip(raw, 1, 255), 0).astype(np.uint8)
+    images = np.stack([equalise_in_mask(image) for image in unstandardised])[..., None]
+    labels = np.array([0] * normals + [1] * (count - normals), dtype=np.int64)
+    return SplitArrays(images, labels, np.where(labels == 0, "normal", "adenocarcinoma"),
+                       np.array([f"m{i:03d}" for i in range(count)]), unstandardised)
+
+
+def acquisition_params(augment: AugmentParams, probability: float) -> AugmentParams:
+    updates = {name: getattr(augment, name).model_copy(update={"probability": probability}) for name in ACQUISITION}
+    return augment.model_copy(update=updates)
+
+
+def test_restandardised_batches_equal_the_cached_images_when_nothing_is_perturbed(no_augment, default_params):
+    from chestct.training.photometric import equalise_in_mask_tf
+
+    arrays = masked_arrays()
+    settings = train_params(default_params.train, batch_size=8, steps_per_epoch=3)
+    cached = {image.tobytes() for image in arrays.images.astype(np.float32)}
+    dataset = training_dataset(arrays, no_augment, settings, seed=1, standardise=equalise_in_mask_tf)
+    for images, _ in dataset:
+        for image in images.numpy():
+            assert image.tobytes() in cached  # the TF standardisation rebuilt exactly the cached input
+
+
+def test_acquisition_steps_change_the_window_but_the_model_still_gets_standardised_images(no_augment,
+                                                                                          default_params):
+    from chestct.training.photometric import equalise_in_mask_tf
+
+    arrays = masked_arrays()
+    settings = train_params(default_params.train, batch_size=8, steps_per_epoch=3)
+    augment = acquisition_params(no_augment, 1.0)
+    first = [b[0].numpy() for b in training_dataset(arrays, augment, settings, 1, equalise_in_mask_tf)]
+    again = [b[0].numpy() for b in training_dataset(arrays, augment, settings, 1, equalise_in_mask_tf)]
+    for images, repeat in zip(first, again, strict=True):
+        np.testing.assert_array_equal(images, repeat)  # seeded: the same batches every run
+        inside = images > 0
+        assert inside.any() and images[inside].min() >= 1 and images.max() <= 255
+        # Equalised: within each image the inside pixels spread over the whole range, whatever the window.
+        for image in images:
+            values = image[image > 0]
+            assert values.min() < 40 and values.max() > 215
+    cached = {image.tobytes() for image in arrays.images.astype(np.float32)}
+    assert any(image.tobytes() not in cached for images in first for image in images)
+
+
+def test_restandardising_without_the_unstandardised_images_is_refused(no_augment, default_params, arrays):
+    from chestct.training.input_pipeline import TrainingDataError
+    from chestct.training.photometric import equalise_in_mask_tf
+
+    with pytest.raises(TrainingDataError, match="dvc repro preprocess"):
+        training_dataset(arrays, no_augment, train_params(default_params.train), 1, equalise_in_mask_tf)

@@ -71,3 +71,38 @@ def test_nothing_changed_nothing_reruns_and_image_size_reruns_only_preprocess(re
     assert "Running stage 'download'" not in changed.stdout and "Running stage 'split'" not in changed.stdout
     with np.load(repo / "data/processed/train.npz") as arrays:
         assert arrays["images"].shape[1:] == (40, 40, 1)
+
+
+def test_the_anatomy_crop_and_standardisation_keep_server_and_cache_equal(repo, default_params):
+    """Every new preprocessing option at once: the predictor's path still gives the cached arrays exactly, the
+    unstandardised images are cached for training, the perturbed validation copy is built, and the crop report
+    counts every image."""
+    from chestct.imaging.preprocess import preprocess_image
+    from chestct.imaging.standardise import equalise_in_mask
+
+    changes = {"image_size": 48, "crop": "lungs", "intensity": "equalise_in_mask",
+               "denoise": {"method": "nlmeans", "strength": 1.0}, "clahe": {"enabled": False}}
+    update_params(repo, {"preprocess": changes})
+    try:
+        run(["dvc", "repro", "robust_valid"], repo)
+        params = default_params.preprocess.model_copy(update={
+            **changes, "denoise": default_params.preprocess.denoise.model_copy(update=changes["denoise"]),
+            "clahe": default_params.preprocess.clahe.model_copy(update={"enabled": False})})
+        report = json.loads((repo / "metrics/preprocess.json").read_text())["crop"]
+        assert report["mode"] == "lungs"
+        with np.load(repo / "data/processed/test.npz") as arrays:
+            assert sum(report["test"].values()) == len(arrays["ids"]) and report["test"]["lungs"] >= 1
+            for index, image_id in enumerate(arrays["ids"]):
+                raw = (repo / "data/raw/Data" / str(image_id)).read_bytes()
+                np.testing.assert_array_equal(preprocess_image(raw, params), arrays["images"][index])
+                np.testing.assert_array_equal(equalise_in_mask(arrays["unstandardised"][index]),
+                                              arrays["images"][index][..., 0])
+        with np.load(repo / "data/robust_valid/valid.npz") as perturbed, \
+                np.load(repo / "data/processed/valid.npz") as clean:
+            assert list(perturbed["ids"]) == list(clean["ids"])
+            assert perturbed["images"].shape == clean["images"].shape
+            assert not np.array_equal(perturbed["images"], clean["images"])
+    finally:
+        update_params(repo, {"preprocess": {"image_size": 32, "crop": "none", "intensity": "none",
+                                            "denoise": {"method": "none", "strength": 1.0},
+                                            "clahe": {"enabled": True}}})

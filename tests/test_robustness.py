@@ -26,7 +26,6 @@ from chestct.evaluation.input_cues import (
 )
 from chestct.imaging.anatomy import body_mask, lung_mask
 from chestct.imaging.preprocess import preprocess_gray
-from chestct.params import PreprocessParams
 
 SIZE = 96
 
@@ -139,7 +138,7 @@ def test_histogram_matching_gives_every_image_the_reference_distribution():
     assert abs(float(matched.mean()) - float(reference.mean())) < 5
 
 
-def test_worst_names_the_lowest_auc():
+def test_worst_names_the_lowest_auc(default_params):
     grays = [np.full((40, 40), value, np.uint8) for value in (10, 20, 200, 210)]
     labels = np.array([0, 0, 1, 1])
     suite = [robustness.Perturbation("same", lambda g, rng: g),
@@ -148,9 +147,9 @@ def test_worst_names_the_lowest_auc():
     def mean_model(images):
         return images.reshape(len(images), -1).mean(axis=1) / 255.0
 
-    preprocess = PreprocessParams(image_size=32, resize_mode="stretch", workers=1,
-                                  clahe={"enabled": False, "clip_limit": 2.0, "tile_grid": 8},
-                                  window={"enabled": False, "center": 128, "width": 256})
+    preprocess = default_params.preprocess.model_copy(update={
+        "image_size": 32, "resize_mode": "stretch", "workers": 1,
+        "clahe": default_params.preprocess.clahe.model_copy(update={"enabled": False})})
     report = robustness.robustness_report(mean_model, grays, labels, 0.5, 1.0, suite, preprocess, 0.95, 100, 0)
     assert report["perturbations"]["same"]["auc"] == 1.0 and report["perturbations"]["inverted"]["auc"] == 0.0
     assert report["worst"] == "inverted" and report["worst_auc"] == 0.0 and report["worst_drop"] == 1.0

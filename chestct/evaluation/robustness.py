@@ -189,3 +189,15 @@ def robustness_report(predict: Callable[[np.ndarray], np.ndarray], grays: Sequen
     report["worst_auc"] = scored[worst] if worst else None
     report["worst_drop"] = (clean_auc - scored[worst]) if worst and clean_auc is not None else None
     return report
+
+
+def perturbed_mixture(grays: Sequence[np.ndarray], suite: list[Perturbation], preprocess: PreprocessParams,
+                      seed: int) -> tuple[np.ndarray, list[str]]:
+    """One fixed perturbed copy of a split: image i gets perturbation i mod len(suite) (noise seeded [seed, i]),
+    then the pipeline's preprocessing. Training selects epochs on it (train.selection: val_auc_robust)."""
+    if not suite:
+        raise ValueError("the robustness suite is empty: enable at least one perturbation in evaluate.robustness")
+    chosen = [suite[index % len(suite)] for index in range(len(grays))]
+    images = np.stack([preprocess_gray(perturbation.apply(gray, np.random.default_rng([seed, index])), preprocess)
+                       for index, (gray, perturbation) in enumerate(zip(grays, chosen, strict=True))])
+    return images, [perturbation.name for perturbation in chosen]

@@ -111,3 +111,27 @@ def mask_share(heatmap: np.ndarray, mask: np.ndarray) -> float | None:
         raise ValueError("heatmap values must be non-negative")
     total = heatmap.sum()
     return None if total <= 0 else float(heatmap[np.asarray(mask, bool)].sum() / total)
+
+
+def crop_box(gray: np.ndarray, mode: str, margin: float) -> tuple[tuple[int, int, int, int], np.ndarray, str]:
+    """The box to crop to ((x0, y0, x1, y1), end-exclusive), the body mask, and what the box was built from.
+
+    mode "lungs": the lung fields' bounding box, falling back to the body's when no lung is found; "body": the
+    body's. `margin` (a fraction of the box's longer side) is added on every side, within the image. Without a
+    body (an all-black image) the box is the whole image; what it was built from is "lungs", "body" or "image".
+    """
+    gray = _as_2d_uint8(gray)
+    height, width = gray.shape
+    body = body_mask(gray)
+    region, found = body, "body"
+    if mode == "lungs":
+        lungs = lung_mask(gray, body)
+        if lungs.any():
+            region, found = lungs, "lungs"
+    if not region.any():
+        return (0, 0, width, height), np.ones(gray.shape, bool), "image"
+    x, y, box_w, box_h = cv2.boundingRect(region.astype(np.uint8))
+    pad = int(round(margin * max(box_w, box_h)))
+    x0, y0 = max(0, x - pad), max(0, y - pad)
+    x1, y1 = min(width, x + box_w + pad), min(height, y + box_h + pad)
+    return (x0, y0, x1, y1), body, found

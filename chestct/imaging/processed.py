@@ -19,11 +19,13 @@ from tqdm import tqdm
 
 from chestct.atomic_io import atomic_path
 from chestct.errors import ChestctError
-from chestct.imaging.preprocess import preprocess_image
+from chestct.imaging.decode import decode_grayscale
+from chestct.imaging.preprocess import Prepared, prepare_gray
 from chestct.labels import CANCER, NORMAL, SPLITS
 from chestct.params import PreprocessParams
 
 ARRAY_KEYS = ("images", "labels", "subtypes", "ids")
+OPTIONAL_KEYS = ("unstandardised",)  # (N, S, S) uint8 before intensity standardisation, when preprocess masks
 
 
 class SplitFileError(ChestctError, ValueError):
@@ -32,12 +34,14 @@ class SplitFileError(ChestctError, ValueError):
 
 @dataclass(frozen=True)
 class SplitArrays:
-    """One processed split: uint8 images (N, S, S, 1), int labels (N,), str subtypes (N,) and ids (N,)."""
+    """One processed split: uint8 images (N, S, S, 1), int labels (N,), str subtypes (N,) and ids (N,), and
+    optionally the unstandardised masked images (N, S, S) that photometric augmentation starts from."""
 
     images: np.ndarray
     labels: np.ndarray
     subtypes: np.ndarray
     ids: np.ndarray
+    unstandardised: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.shape[-1] != 1 or self.images.shape[1] != self.images.shape[2]:
@@ -48,6 +52,10 @@ class SplitArrays:
         for name in ARRAY_KEYS[1:]:
             if getattr(self, name).shape != (count,):
                 raise ValueError(f"{name} must have shape ({count},), got {getattr(self, name).shape}")
+        if self.unstandardised is not None and (self.unstandardised.shape != self.images.shape[:3]
+                                                or self.unstandardised.dtype != np.uint8):
+            raise ValueError(f"unstandardised must be uint8 of shape {self.images.shape[:3]}, got "
+                             f"{self.unstandardised.dtype} {self.unstandardised.shape}")
         unknown = set(np.unique(self.labels).tolist()) - {NORMAL, CANCER}
         if unknown:
             raise ValueError(f"labels must be {NORMAL} (Normal) or {CANCER} (Cancer), found {sorted(unknown)}")
@@ -70,7 +78,7 @@ def load_split(path: str | Path) -> SplitArrays:
             missing = [key for key in ARRAY_KEYS if key not in npz.files]
             if missing:
                 raise SplitFileError(f"{path}: missing arrays {missing}; rerun `dvc repro preprocess`")
-            arrays = {key: npz[key] for key in ARRAY_KEYS}
+            arrays = {key: npz[key] for key in ARRAY_KEYS + OPTIONAL_KEYS if key in npz.files}
     except (OSError, ValueError) as exc:
         if isinstance(exc, SplitFileError):
             raise
@@ -81,24 +89,27 @@ def load_split(path: str | Path) -> SplitArrays:
         raise SplitFileError(f"{path}: {exc}; rerun `dvc repro preprocess`") from None
 
 
-def _preprocess_one(image_id: str, data_folder: Path, params: PreprocessParams) -> np.ndarray:
-    return preprocess_image(data_folder / image_id, params, name=image_id)
+def _prepare_one(image_id: str, data_folder: Path, params: PreprocessParams) -> Prepared:
+    return prepare_gray(decode_grayscale(data_folder / image_id, name=image_id), params)
 
 
 def preprocess_manifest(manifest: pd.DataFrame, data_folder: Path, params: PreprocessParams,
-                        progress: bool = True) -> dict[str, dict[str, np.ndarray]]:
-    """Preprocess every manifest image (in parallel, order kept) into per-split arrays."""
+                        progress: bool = True) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
+    """Preprocess every manifest image (in parallel, order kept) into per-split arrays; also return the crop
+    report (how many crop boxes came from the lungs, from the body, or from the whole image, per split)."""
     ids = manifest["id"].tolist()
-    work = partial(_preprocess_one, data_folder=Path(data_folder), params=params)
+    work = partial(_prepare_one, data_folder=Path(data_folder), params=params)
     bar = dict(total=len(ids), desc="preprocessing", unit="img", disable=not progress)
     if params.workers > 1 and len(ids) > 1:
         with Pool(params.workers) as pool:
-            images = list(tqdm(pool.imap(work, ids, chunksize=8), **bar))
+            prepared = list(tqdm(pool.imap(work, ids, chunksize=8), **bar))
     else:
-        images = [work(image_id) for image_id in tqdm(ids, **bar)]
+        prepared = [work(image_id) for image_id in tqdm(ids, **bar)]
     size = params.image_size
-    stacked = np.stack(images) if images else np.zeros((0, size, size, 1), np.uint8)
-    arrays = {}
+    stacked = np.stack([p.image for p in prepared]) if prepared else np.zeros((0, size, size, 1), np.uint8)
+    keep_unstandardised = bool(prepared) and prepared[0].unstandardised is not None
+    found = np.array([p.crop for p in prepared], dtype=object)
+    arrays, crops = {}, {"mode": params.crop}
     for split in SPLITS:
         members = (manifest["split"] == split).to_numpy()
         arrays[split] = {
@@ -107,7 +118,13 @@ def preprocess_manifest(manifest: pd.DataFrame, data_folder: Path, params: Prepr
             "subtypes": manifest.loc[members, "subtype"].to_numpy(dtype=str),
             "ids": manifest.loc[members, "id"].to_numpy(dtype=str),
         }
-    return arrays
+        if keep_unstandardised:
+            arrays[split]["unstandardised"] = np.stack(
+                [p.unstandardised for p, member in zip(prepared, members, strict=True) if member]
+            ) if members.any() else np.zeros((0, size, size), np.uint8)
+        if params.crop != "none":
+            crops[split] = {source: int(np.sum(found[members] == source)) for source in ("lungs", "body", "image")}
+    return arrays, {"crop": crops}
 
 
 def save_processed(folder: Path, arrays: dict[str, dict[str, np.ndarray]]) -> None:
@@ -117,10 +134,11 @@ def save_processed(folder: Path, arrays: dict[str, dict[str, np.ndarray]]) -> No
     """
     for split, split_arrays in arrays.items():
         try:
-            SplitArrays(**{key: split_arrays[key] for key in ARRAY_KEYS})
+            SplitArrays(**{key: split_arrays[key] for key in ARRAY_KEYS + OPTIONAL_KEYS if key in split_arrays})
         except (KeyError, ValueError) as exc:
             raise SplitFileError(f"processed split {split!r} is malformed ({exc}); nothing was written") from None
     with atomic_path(folder) as temp:
         temp.mkdir()
         for split, split_arrays in arrays.items():
-            np.savez(temp / f"{split}.npz", **{key: split_arrays[key] for key in ARRAY_KEYS})
+            np.savez(temp / f"{split}.npz",
+                     **{key: split_arrays[key] for key in ARRAY_KEYS + OPTIONAL_KEYS if key in split_arrays})

@@ -45,6 +45,7 @@ import keras
 import tensorflow as tf
 
 from chestct.params import AugmentParams
+from chestct.training.photometric import acquisition_steps
 
 VALUE_RANGE = (0.0, 255.0)
 FILL_MODE = "constant"
@@ -232,9 +233,18 @@ def _apply_per_sample(step: AugmentStep, images: tf.Tensor, seed: tf.Tensor) -> 
     return tf.tensor_scatter_nd_update(images, chosen, transformed)
 
 
-def build_augmenter(params: AugmentParams, seed: int) -> Augmenter:
-    """The training augmenter described by params.yaml's `augment` section (MixUp is separate: `mixup`)."""
-    return Augmenter(_geometric_steps(params) + _intensity_steps(params), seed)
+def build_augmenter(params: AugmentParams, seed: int, standardise: Callable[[tf.Tensor], tf.Tensor] | None = None
+                    ) -> Augmenter:
+    """The training augmenter described by params.yaml's `augment` section (MixUp is separate: `mixup`).
+
+    Order: geometry, then the acquisition steps (chestct.training.photometric: window, gamma, noise, blur, JPEG),
+    then `standardise` (the preprocessing's intensity standardisation redone in TensorFlow, when training starts
+    from the unstandardised images), then the intensity steps.
+    """
+    acquisition = [AugmentStep(name, probability, transform)
+                   for name, probability, transform in acquisition_steps(params)]
+    middle = [] if standardise is None else [AugmentStep("standardise", 1.0, lambda images, seed: standardise(images))]
+    return Augmenter(_geometric_steps(params) + acquisition + middle + _intensity_steps(params), seed)
 
 
 # --- MixUp -------------------------------------------------------------------------------------------------------

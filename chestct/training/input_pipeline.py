@@ -17,6 +17,8 @@ prefetch. Every random op is seeded or stateless, so the pipeline stays parallel
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import tensorflow as tf
 
@@ -44,27 +46,27 @@ def _to_model_inputs(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, t
     return tf.cast(images, tf.float32), tf.reshape(tf.cast(labels, tf.float32), [-1, 1])
 
 
-def _class_batches(arrays: SplitArrays, label: int, half: int, seed: int) -> tf.data.Dataset:
+def _class_batches(images: np.ndarray, arrays: SplitArrays, label: int, half: int, seed: int) -> tf.data.Dataset:
     """Endless batches of `half` images of one class, reshuffled on every pass over the class."""
     members = arrays.labels == label
-    data = tf.data.Dataset.from_tensor_slices((arrays.images[members], arrays.labels[members]))
+    data = tf.data.Dataset.from_tensor_slices((images[members], arrays.labels[members]))
     data = data.shuffle(int(members.sum()), seed=seed, reshuffle_each_iteration=True)
     return data.repeat().batch(half, drop_remainder=True)
 
 
-def _balanced_batches(arrays: SplitArrays, batch_size: int, seed: int) -> tf.data.Dataset:
+def _balanced_batches(images: np.ndarray, arrays: SplitArrays, batch_size: int, seed: int) -> tf.data.Dataset:
     """Endless uint8 batches with exactly batch_size / 2 Normal then batch_size / 2 Cancer images."""
     half = batch_size // 2
-    normal = _class_batches(arrays, NORMAL, half, _derived_seed(seed, _NORMAL_SHUFFLE))
-    cancer = _class_batches(arrays, CANCER, half, _derived_seed(seed, _CANCER_SHUFFLE))
+    normal = _class_batches(images, arrays, NORMAL, half, _derived_seed(seed, _NORMAL_SHUFFLE))
+    cancer = _class_batches(images, arrays, CANCER, half, _derived_seed(seed, _CANCER_SHUFFLE))
     return tf.data.Dataset.zip(normal, cancer).map(
         lambda n, c: (tf.concat([n[0], c[0]], axis=0), tf.concat([n[1], c[1]], axis=0))
     )
 
 
-def _plain_batches(arrays: SplitArrays, batch_size: int, seed: int) -> tf.data.Dataset:
+def _plain_batches(images: np.ndarray, arrays: SplitArrays, batch_size: int, seed: int) -> tf.data.Dataset:
     """Endless uint8 batches drawn from the whole split in its natural class proportions."""
-    data = tf.data.Dataset.from_tensor_slices((arrays.images, arrays.labels))
+    data = tf.data.Dataset.from_tensor_slices((images, arrays.labels))
     data = data.shuffle(len(arrays), seed=_derived_seed(seed, _ALL_SHUFFLE), reshuffle_each_iteration=True)
     return data.repeat().batch(batch_size, drop_remainder=True)
 
@@ -86,23 +88,29 @@ def _check_trainable(arrays: SplitArrays, train_params: TrainParams) -> None:
 
 
 def training_dataset(
-    arrays: SplitArrays, augment_params: AugmentParams, train_params: TrainParams, seed: int
+    arrays: SplitArrays, augment_params: AugmentParams, train_params: TrainParams, seed: int,
+    standardise: Callable[[tf.Tensor], tf.Tensor] | None = None,
 ) -> tf.data.Dataset:
     """Augmented (balanced) training batches: (images float32 (B, S, S, 1) 0..255, labels float32 (B, 1)).
 
+    With `standardise` (chestct.training.photometric.standardise_tf) the batches start from the unstandardised
+    images, go through the acquisition steps and are standardised again; otherwise they start from the images.
     One iteration yields exactly `train_params.steps_per_epoch` batches; iterate again for the next epoch.
     """
     _check_trainable(arrays, train_params)
+    if standardise is not None and arrays.unstandardised is None:
+        raise TrainingDataError("re-standardising needs the unstandardised images; rerun `dvc repro preprocess`")
+    source = arrays.images if standardise is None else arrays.unstandardised[..., np.newaxis]
     batch_size = train_params.batch_size
     if train_params.balanced_batches:
-        batches = _balanced_batches(arrays, batch_size, seed)
+        batches = _balanced_batches(source, arrays, batch_size, seed)
     else:
-        batches = _plain_batches(arrays, batch_size, seed)
+        batches = _plain_batches(source, arrays, batch_size, seed)
     # One random key per batch, redrawn on every iteration: it seeds that batch's augmentation and MixUp.
     keys = tf.data.Dataset.random(seed=_derived_seed(seed, _BATCH_KEYS), rerandomize_each_iteration=True)
     batches = tf.data.Dataset.zip(batches.take(train_params.steps_per_epoch), keys)
 
-    augmenter = build_augmenter(augment_params, _derived_seed(seed, _AUGMENT))
+    augmenter = build_augmenter(augment_params, _derived_seed(seed, _AUGMENT), standardise)
     mix = augment_params.mixup
     mix_seed = _derived_seed(seed, _MIX)
     shuffle_within = train_params.balanced_batches  # the two halves arrive Normal-first, Cancer-second

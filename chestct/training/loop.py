@@ -28,6 +28,7 @@ from chestct.imaging.processed import SplitArrays, load_split
 from chestct.params import Params, PhaseParams
 from chestct.training.input_pipeline import training_dataset, validation_dataset
 from chestct.training.losses import make_loss
+from chestct.training.photometric import standardise_tf
 
 MONITOR = "val_auc"
 
@@ -88,9 +89,10 @@ class ValidationAUC(keras.callbacks.Callback):
     It must run before the callbacks that read those logs (early stopping, LR schedule, checkpoint, dvclive).
     """
 
-    def __init__(self, dataset: tf.data.Dataset, labels: np.ndarray, loss: keras.losses.Loss):
+    def __init__(self, dataset: tf.data.Dataset, labels: np.ndarray, loss: keras.losses.Loss,
+                 robust: tf.data.Dataset | None = None):
         super().__init__()
-        self.dataset = dataset
+        self.dataset, self.robust = dataset, robust
         self.labels = labels.astype(np.float32).reshape(-1, 1)
         self.loss = loss
 
@@ -99,6 +101,12 @@ class ValidationAUC(keras.callbacks.Callback):
             return
         scores = self.model.predict(self.dataset, verbose=0).astype(np.float32).reshape(-1, 1)
         logs[MONITOR] = exact_auc(self.labels.ravel(), scores.ravel())
+        if self.robust is not None:
+            # Shortcut-aware selection: an epoch counts only as good as its worse validation copy.
+            robust_scores = self.model.predict(self.robust, verbose=0).astype(np.float32).ravel()
+            logs["val_auc_clean"] = logs[MONITOR]
+            logs["val_auc_perturbed"] = exact_auc(self.labels.ravel(), robust_scores)
+            logs[MONITOR] = min(logs["val_auc_clean"], logs["val_auc_perturbed"])
         logs["val_loss"] = float(keras.ops.convert_to_numpy(keras.ops.mean(self.loss(self.labels, scores))))
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
@@ -122,8 +130,10 @@ class EpochReport(keras.callbacks.Callback):
         auc = logs.get(MONITOR, float("nan"))
         marker = " *best*" if auc > self.best else ""
         self.best = max(self.best, auc)
+        split = (f" (clean {logs['val_auc_clean']:.4f}, perturbed {logs['val_auc_perturbed']:.4f})"
+                 if "val_auc_perturbed" in logs else "")
         print(f"{self.phase} epoch {epoch + 1}/{self.epochs}  loss {logs.get('loss', float('nan')):.4f}  "
-              f"val_loss {logs.get('val_loss', float('nan')):.4f}  val_auc {auc:.4f}{marker}  "
+              f"val_loss {logs.get('val_loss', float('nan')):.4f}  val_auc {auc:.4f}{split}{marker}  "
               f"lr {logs.get('learning_rate', float('nan')):.1e}  {per_epoch:.1f} s/epoch  "
               f"ETA {remaining / 60:.1f} min (at most)", flush=True)
 
@@ -154,17 +164,27 @@ def compile_for_phase(model: keras.Model, params: Params, phase: PhaseParams) ->
 
 def train_phase(model: keras.Model, loss: keras.losses.Loss, train: SplitArrays, valid: SplitArrays,
                 params: Params, phase: PhaseParams, phase_name: str, model_path: Path, live_dir: Path,
-                seed_offset: int = 0) -> PhaseResult:
+                seed_offset: int = 0, robust_valid: SplitArrays | None = None) -> PhaseResult:
     """Fit one phase; write the best model by validation AUC to `model_path` and dvclive logs to `live_dir`."""
     _check_validation(valid)
     settings = params.train
-    train_ds = training_dataset(train, params.augment, settings, params.seed + seed_offset)
+    standardise = restandardisation(params, train)
+    if standardise is not None:
+        print(f"{phase_name}: training starts from the unstandardised images: acquisition augmentation, then "
+              f"preprocess.intensity ({params.preprocess.intensity}) redone in TensorFlow", flush=True)
+    train_ds = training_dataset(train, params.augment, settings, params.seed + seed_offset, standardise)
     valid_ds = validation_dataset(valid, settings.validation_batch_size)
+    robust_ds = None
+    if robust_valid is not None:
+        if not np.array_equal(robust_valid.ids, valid.ids):
+            raise TrainingError("the perturbed validation copy does not match the validation split; "
+                                "rerun `dvc repro robust_valid`")
+        robust_ds = validation_dataset(robust_valid, settings.validation_batch_size)
     checkpoint_dir = Path(tempfile.mkdtemp(prefix=f"chestct-{phase_name}-"))
     checkpoint = checkpoint_dir / model_path.name
     live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
     callbacks = [
-        ValidationAUC(valid_ds, valid.labels, loss),  # first: the others read what it logs
+        ValidationAUC(valid_ds, valid.labels, loss, robust_ds),  # first: the others read what it logs
         keras.callbacks.ModelCheckpoint(checkpoint, monitor=MONITOR, mode="max", save_best_only=True),
         keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=settings.early_stopping_patience,
                                       restore_best_weights=True),
@@ -189,6 +209,13 @@ def train_phase(model: keras.Model, loss: keras.losses.Loss, train: SplitArrays,
                        time.perf_counter() - started)
 
 
+def restandardisation(params: Params, train: SplitArrays):
+    """The TensorFlow standardisation training redoes after the acquisition steps, or None to train on the cached
+    images: when preprocess cached no unstandardised images, or CLAHE or a window follows the crop."""
+    standardise = standardise_tf(params.preprocess)
+    return standardise if train.unstandardised is not None else None
+
+
 def count_trainable_parameters(model: keras.Model) -> int:
     return int(sum(np.prod(weight.shape) for weight in model.trainable_weights))
 
@@ -199,6 +226,7 @@ class TrainingSetup:
     valid: SplitArrays
     strategy: tf.distribute.Strategy
     precision: str
+    robust_valid: SplitArrays | None = None  # the perturbed validation copy, for train.selection val_auc_robust
 
     def describe(self) -> str:
         kernels = "oneDNN" if onednn_enabled() else "Eigen (oneDNN off)"
@@ -206,13 +234,14 @@ class TrainingSetup:
                 f"train {len(self.train)}, valid {len(self.valid)}")
 
 
-def prepare_training(params: Params, processed_dir: Path) -> TrainingSetup:
+def prepare_training(params: Params, processed_dir: Path, robust_dir: Path) -> TrainingSetup:
     """What both phases do first: seeds, precision policy, the cached arrays and the distribution strategy."""
     configure_determinism(params.seed, params.train.deterministic)
     precision = configure_precision(params.train.precision)
     train = load_split(processed_dir / "train.npz")
     valid = load_split(processed_dir / "valid.npz")
-    return TrainingSetup(train, valid, make_strategy(params.train.distribute), precision)
+    robust = load_split(robust_dir / "valid.npz") if params.train.selection == "val_auc_robust" else None
+    return TrainingSetup(train, valid, make_strategy(params.train.distribute), precision, robust)
 
 
 def save_phase_metrics(path: Path, result: PhaseResult, model: keras.Model, **extra: int) -> None:

@@ -1,0 +1,43 @@
+"""robust_valid stage: a fixed perturbed copy of the validation split, for shortcut-aware model selection.
+
+Each raw validation image gets one perturbation of the robustness suite (evaluate.robustness), in turn, before the
+pipeline's preprocessing; with `train.selection: val_auc_robust` training keeps the epoch with the best minimum of
+the clean and the perturbed validation AUC.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from chestct.evaluation.robustness import build_perturbations, perturbed_mixture, raw_reference
+from chestct.evaluation.shortcuts import raw_grayscale
+from chestct.imaging.processed import SplitArrays, load_split, save_processed
+from chestct.params import load_params
+from stages.errors import run_stage
+
+RAW_DATA = Path("data/raw/Data")
+MANIFEST = Path("data/split/manifest.csv")
+VALID = Path("data/processed/valid.npz")
+OUT = Path("data/robust_valid")
+
+
+def main() -> None:
+    params = load_params()
+    manifest = pd.read_csv(MANIFEST, keep_default_na=False)
+    valid = load_split(VALID)
+    train_ids = manifest.loc[manifest["split"] == "train", "id"].to_numpy()
+    robustness = params.evaluate.robustness
+    reference = raw_reference(raw_grayscale(train_ids, RAW_DATA)) if robustness.histogram_match else None
+    suite = build_perturbations(robustness, reference)
+    images, names = perturbed_mixture(raw_grayscale(valid.ids, RAW_DATA), suite, params.preprocess, params.seed)
+    perturbed = SplitArrays(images, valid.labels, valid.subtypes, valid.ids)
+    save_processed(OUT, {"valid": {"images": perturbed.images, "labels": perturbed.labels,
+                                   "subtypes": perturbed.subtypes, "ids": perturbed.ids}})
+    print(f"robust_valid: {len(images)} validation images, each under one of {len(suite)} perturbations "
+          f"({', '.join(sorted(set(names)))}) -> {OUT}")
+
+
+if __name__ == "__main__":
+    run_stage("robust_valid", main)
