@@ -312,9 +312,10 @@ class TrainParams(Section):
 
 
 class ThresholdParams(Section):
-    method: Literal["youden", "target_sensitivity", "fixed"]
+    method: Literal["youden", "youden_prior", "target_sensitivity", "fixed"]
     sensitivity: Annotated[float, Field(gt=0.0, le=1.0)]
     fixed: Annotated[float, Field(gt=0.0, lt=1.0)]
+    prior: Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
 class RobustnessParams(Section):

@@ -264,3 +264,13 @@ def test_restandardising_without_the_unstandardised_images_is_refused(no_augment
 
     with pytest.raises(TrainingDataError, match="dvc repro preprocess"):
         training_dataset(arrays, no_augment, train_params(default_params.train), 1, equalise_in_mask_tf)
+
+
+def test_acquisition_steps_at_low_probabilities_leave_some_batches_untouched(no_augment, default_params):
+    """A step that picks no image of a batch (JPEG's per-image map over an empty batch included) is a no-op."""
+    from chestct.training.photometric import equalise_in_mask_tf
+
+    arrays = masked_arrays()
+    settings = train_params(default_params.train, batch_size=4, steps_per_epoch=6)
+    batches = list(training_dataset(arrays, acquisition_params(no_augment, 0.05), settings, 3, equalise_in_mask_tf))
+    assert len(batches) == 6 and all(images.shape == (4, SIZE, SIZE, 1) for images, _ in batches)

@@ -15,8 +15,8 @@ from chestct.evaluation.thresholds import EPS, choose_threshold, operating_point
 from chestct.params import ThresholdParams
 
 
-def _params(method: str, sensitivity: float = 0.9, fixed: float = 0.5) -> ThresholdParams:
-    return ThresholdParams(method=method, sensitivity=sensitivity, fixed=fixed)
+def _params(method: str, sensitivity: float = 0.9, fixed: float = 0.5, prior: float = 0.5) -> ThresholdParams:
+    return ThresholdParams(method=method, sensitivity=sensitivity, fixed=fixed, prior=prior)
 
 
 def _logit_mid(low: float, high: float) -> float:
@@ -41,6 +41,20 @@ def test_perfectly_separated_uses_logit_midpoint_of_the_gap():
     assert chosen["method"] == "youden"
     assert (chosen["valid_sensitivity"], chosen["valid_specificity"], chosen["valid_youden"]) == (1.0, 1.0, 1.0)
     np.testing.assert_array_equal(decide(scores, chosen["threshold"]), labels)
+
+
+def test_youden_prior_takes_the_prior_when_validation_cannot_place_the_cut():
+    labels = [0] * 13 + [1] * 5
+    scores = np.r_[np.linspace(0.01, 0.2, 13), [0.9, 0.95, 0.97, 0.99, 0.999]]
+    chosen = choose_threshold(labels, scores, _params("youden_prior"))
+    assert chosen["threshold"] == 0.5 and chosen["interval"] == pytest.approx([0.2, 0.9])
+    assert chosen["valid_youden"] == 1.0
+    # The prior outside every best interval: the middle of the best interval nearest to it.
+    shifted = choose_threshold(labels, scores, _params("youden_prior", prior=0.95))
+    assert shifted["threshold"] == pytest.approx(_logit_mid(0.2, 0.9))
+    # Overlapping classes: the Youden-best interval wins whatever the prior says.
+    overlap = choose_threshold(OVERLAP_LABELS, OVERLAP_SCORES, _params("youden_prior", prior=0.2))
+    assert overlap["interval"] == pytest.approx([0.6, 0.7]) and overlap["valid_youden"] == 0.75
 
 
 def test_youden_overlapping_hand_case():

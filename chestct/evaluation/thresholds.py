@@ -79,6 +79,17 @@ def _candidate_intervals(labels: np.ndarray, scores: np.ndarray):
     return lows, highs, sensitivity, specificity, widths
 
 
+def _nearest_to_prior(lows: np.ndarray, highs: np.ndarray, tied: np.ndarray, prior: float) -> int:
+    """The tied interval holding the prior, else the one whose nearer end lies closest to it in logit space.
+
+    A small, perfectly separated validation split ties every threshold between the classes: the data cannot
+    place the cut, so the prior decides (balanced training batches make 0.5 the equal-prior, equal-cost cut).
+    """
+    target = logit(prior)
+    distance = np.maximum(logit(lows) - target, 0.0) + np.maximum(target - logit(highs), 0.0)
+    return int(np.argmin(np.where(tied, distance, np.inf)))
+
+
 def _logit_middle(low: float, high: float) -> float:
     return float(expit((logit(low) + logit(high)) / 2.0))
 
@@ -114,6 +125,10 @@ def choose_threshold(
             tied = usable & (youden >= best - _TIE_TOL)
             # Widest tied interval in logit space; argmax keeps the lowest such interval on an exact tie.
             k = int(np.argmax(np.where(tied, widths, -np.inf)))
+        elif params.method == "youden_prior":
+            youden = sens + spec - 1.0
+            tied = usable & (youden >= youden[usable].max() - _TIE_TOL)
+            k = _nearest_to_prior(lows, highs, tied, params.prior)
         elif params.method == "target_sensitivity":
             reaching = np.flatnonzero(usable & (sens >= params.sensitivity - _TIE_TOL))
             # Sensitivity never increases with the threshold, so the highest reaching interval is the answer.
@@ -127,6 +142,8 @@ def choose_threshold(
         else:
             interval = [float(lows[k]), float(highs[k])]
             threshold = _logit_middle(*interval)
+            if params.method == "youden_prior" and interval[0] < params.prior <= interval[1]:
+                threshold = float(params.prior)
 
     sensitivity, specificity = _rates(y, decide(s, threshold))
     return {

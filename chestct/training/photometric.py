@@ -97,7 +97,9 @@ def jpeg_transform(low: int, high: int):
             changed = tf.image.stateless_random_jpeg_quality(encoded, low, high, image_seed)
             return tf.cast(changed, tf.float32)
 
-        recoded = tf.map_fn(one, (images, seeds), fn_output_signature=tf.float32)
+        # map_fn cannot stack an empty result without a static element shape: no image chosen, nothing to do.
+        recoded = tf.cond(count > 0, lambda: tf.map_fn(one, (images, seeds), fn_output_signature=tf.float32),
+                          lambda: images)
         return _keep_mask(images, recoded)
 
     return transform
