@@ -83,3 +83,28 @@ def live_server(tiny_export):
 
     with running_server(tiny_export) as url:
         yield url
+
+
+# --- the original defaults, before the lesion work (README "Making the model learn the lesion") --------------------
+
+ORIGINAL_DEFAULTS = {
+    "preprocess": {"crop": "none", "clahe": {"enabled": True}, "denoise": {"method": "none"}, "intensity": "none"},
+    "augment": {"brightness": {"probability": 0.5}, "contrast": {"probability": 0.5},
+                "sharpness": {"probability": 0.3}, "hu_window": {"probability": 0.3},
+                "window_level": {"probability": 0.0}, "gamma": {"probability": 0.0}, "noise": {"probability": 0.0},
+                "blur": {"probability": 0.0}, "jpeg": {"probability": 0.0}},
+    "train": {"selection": "val_auc", "phase2": {"epochs": 20}},
+    "evaluate": {"threshold": {"method": "youden"}},
+}
+
+
+def _deep_update(model, changes: dict):
+    updates = {key: _deep_update(getattr(model, key), value) if isinstance(value, dict) else value
+               for key, value in changes.items()}
+    return model.model_copy(update=updates)
+
+
+@pytest.fixture(scope="session")
+def original_params(default_params):
+    """params.yaml with the preprocessing, augmentation and selection the pipeline had before the lesion work."""
+    return _deep_update(default_params, ORIGINAL_DEFAULTS)

@@ -44,8 +44,9 @@ def images() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def augment(default_params) -> AugmentParams:
-    return default_params.augment
+def augment(original_params) -> AugmentParams:
+    """The original augmentation (intensity steps on, acquisition steps off): what these tests pin down."""
+    return original_params.augment
 
 
 def test_all_probabilities_zero_is_the_identity(augment, images):

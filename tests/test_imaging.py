@@ -43,8 +43,8 @@ def test_transparent_pixels_become_black(tmp_path):
     assert decoded[:10].min() == 200 and decoded[10:].max() == 0
 
 
-def test_pipeline_output_shape_dtype_and_clahe(default_params, tmp_path):
-    params = default_params.preprocess.model_copy(update={"image_size": 64})
+def test_pipeline_output_shape_dtype_and_clahe(original_params, tmp_path):
+    params = original_params.preprocess.model_copy(update={"image_size": 64})
     path = save_image(tmp_path / "a.png", GRAY, "PNG", "RGBA")
     out = preprocess_image(path, params)
     assert out.shape == (64, 64, 1) and out.dtype == np.uint8

@@ -51,13 +51,13 @@ def arrays() -> SplitArrays:
 
 
 @pytest.fixture(scope="module")
-def no_augment(default_params) -> AugmentParams:
-    return augment_params(default_params.augment, 0.0, mixup=0.0)
+def no_augment(original_params) -> AugmentParams:
+    return augment_params(original_params.augment, 0.0, mixup=0.0)
 
 
 @pytest.fixture(scope="module")
-def full_augment(default_params) -> AugmentParams:
-    return augment_params(default_params.augment, None, mixup=0.5)
+def full_augment(original_params) -> AugmentParams:
+    return augment_params(original_params.augment, None, mixup=0.5)
 
 
 def source_index(arrays: SplitArrays, image: np.ndarray) -> int:

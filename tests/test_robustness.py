@@ -31,8 +31,10 @@ SIZE = 96
 
 
 @pytest.fixture(scope="module")
-def preprocess(default_params):
-    return default_params.preprocess.model_copy(update={"image_size": SIZE, "workers": 1})
+def preprocess(original_params):
+    """The original preprocessing (CLAHE, no crop, no standardisation): it lets the brightness cue through, which
+    is what the audit must detect."""
+    return original_params.preprocess.model_copy(update={"image_size": SIZE, "workers": 1})
 
 
 def phantom_set(seed: int, count: int, cue: str) -> tuple[list[np.ndarray], np.ndarray]:
@@ -93,6 +95,13 @@ def test_a_brightness_model_is_exposed_by_the_suite_and_the_input_rules(preproce
     assert cues["input_intensity_std_auc"] > 0.9
 
 
+def test_the_default_preprocessing_takes_the_brightness_cue_out_of_the_models_input(default_params):
+    """Equalisation inside the body: the brightness-only phantom set's cue no longer reaches the model's input."""
+    standardised = default_params.preprocess.model_copy(update={"image_size": SIZE, "workers": 1})
+    clean, report, cues = audit("brightness", brightness_model, standardised, default_params)
+    assert cues["input_intensity_std_auc"] < 0.75 and clean < 0.75
+
+
 def test_a_lesion_model_keeps_its_skill_and_the_input_rules_are_near_chance(preprocess, default_params):
     clean, report, cues = audit("lesion", lesion_model, preprocess, default_params)
     assert clean > 0.8
@@ -138,7 +147,7 @@ def test_histogram_matching_gives_every_image_the_reference_distribution():
     assert abs(float(matched.mean()) - float(reference.mean())) < 5
 
 
-def test_worst_names_the_lowest_auc(default_params):
+def test_worst_names_the_lowest_auc(original_params):
     grays = [np.full((40, 40), value, np.uint8) for value in (10, 20, 200, 210)]
     labels = np.array([0, 0, 1, 1])
     suite = [robustness.Perturbation("same", lambda g, rng: g),
@@ -147,9 +156,9 @@ def test_worst_names_the_lowest_auc(default_params):
     def mean_model(images):
         return images.reshape(len(images), -1).mean(axis=1) / 255.0
 
-    preprocess = default_params.preprocess.model_copy(update={
+    preprocess = original_params.preprocess.model_copy(update={
         "image_size": 32, "resize_mode": "stretch", "workers": 1,
-        "clahe": default_params.preprocess.clahe.model_copy(update={"enabled": False})})
+        "clahe": original_params.preprocess.clahe.model_copy(update={"enabled": False})})
     report = robustness.robustness_report(mean_model, grays, labels, 0.5, 1.0, suite, preprocess, 0.95, 100, 0)
     assert report["perturbations"]["same"]["auc"] == 1.0 and report["perturbations"]["inverted"]["auc"] == 0.0
     assert report["worst"] == "inverted" and report["worst_auc"] == 0.0 and report["worst_drop"] == 1.0

@@ -53,13 +53,14 @@ def test_equalisation_ignores_the_stored_window(phantom):
         assert np.abs(other.astype(int) - reference.astype(int)).mean() < 5.0
 
 
-def test_the_whole_preprocessing_maps_two_windows_of_one_phantom_to_nearly_the_same_array(default_params, phantom):
+def test_the_whole_preprocessing_maps_two_windows_of_one_phantom_to_nearly_the_same_array(default_params,
+                                                                                         original_params, phantom):
     params = new_params(default_params)
     first = preprocess_gray(phantom, params).astype(int)
     for transform in (gamma(0.6), window_width(1.4)):
         second = preprocess_gray(transform(phantom, None), params).astype(int)
         assert np.abs(first - second).mean() < 4.0
-    old = default_params.preprocess.model_copy(update={"image_size": 64})
+    old = original_params.preprocess.model_copy(update={"image_size": 64})
     old_difference = np.abs(preprocess_gray(phantom, old).astype(int)
                             - preprocess_gray(gamma(0.6)(phantom, None), old).astype(int)).mean()
     assert old_difference > 10.0, "without standardisation a new window changes the input a lot"
@@ -93,7 +94,8 @@ def test_tensorflow_percentiles_equal_numpy():
 def test_standardise_tf_follows_the_params(default_params):
     params = new_params(default_params)
     assert standardise_tf(params) is equalise_in_mask_tf
-    assert standardise_tf(params.model_copy(update={"clahe": default_params.preprocess.clahe})) is None
+    clahe_on = params.clahe.model_copy(update={"enabled": True})
+    assert standardise_tf(params.model_copy(update={"clahe": clahe_on})) is None
     images = tf.constant(random_masked(0)[..., None], tf.float32)
     np.testing.assert_array_equal(standardise_tf(new_params(default_params, intensity="none"))(images), images)
 
@@ -109,8 +111,8 @@ def test_denoising_lowers_the_noise_and_keeps_the_mask(phantom):
         denoise(image, "median", 1.0)
 
 
-def test_the_original_preprocessing_is_unchanged(default_params, phantom):
-    params = default_params.preprocess.model_copy(update={"image_size": 64})
+def test_the_original_preprocessing_is_unchanged(original_params, phantom):
+    params = original_params.preprocess.model_copy(update={"image_size": 64})
     clahe = params.clahe
     expected = resize_square(apply_clahe(phantom, clahe.clip_limit, clahe.tile_grid), 64, "pad")[..., None]
     prepared = prepare_gray(phantom, params)

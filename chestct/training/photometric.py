@@ -169,7 +169,8 @@ def standardise_tf(params: PreprocessParams):
     the preprocessing cannot be redone in TensorFlow after augmentation (CLAHE or a window after the crop)."""
     # Every key is read up front, whatever the mode: the stages that call this declare them all in dvc.yaml.
     intensity, (low, high) = params.intensity, params.percentile
-    if params.clahe.enabled or params.window.enabled:
+    clahe, window = params.clahe.enabled, params.window.enabled
+    if clahe or window:
         return None
     if intensity == "equalise_in_mask":
         return equalise_in_mask_tf
