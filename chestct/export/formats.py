@@ -96,13 +96,17 @@ def _write_savedmodel(model, path: Path, savedmodel: SavedModelSource) -> None:
         raise RuntimeError(f"the shared SavedModel was exported to {savedmodel.path()}, not {path}")
 
 
-def _tflite_writer(quantize: bool):
+def _tflite_writer(quantization: str):
+    """A TFLite writer: "none" (float32), "dynamic" (int8 weights, float activations) or "float16" (weights)."""
+
     def write(model, path: Path, savedmodel: SavedModelSource) -> None:
         import tensorflow as tf
 
         converter = tf.lite.TFLiteConverter.from_saved_model(str(savedmodel.path()))
-        if quantize:
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]  # dynamic range: int8 weights, float activations
+        if quantization in ("dynamic", "float16"):
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if quantization == "float16":
+            converter.target_spec.supported_types = [tf.float16]
         with quiet_output():
             path.write_bytes(converter.convert())
 
@@ -184,9 +188,9 @@ FORMATS: dict[str, ExportFormat] = {fmt.name: fmt for fmt in (
     ExportFormat("keras", "chestct.keras", _write_keras_file, _load_keras_file),
     ExportFormat("h5", "chestct.h5", _write_keras_file, _load_keras_file, needs_legacy_h5=True),
     ExportFormat("savedmodel", "savedmodel", _write_savedmodel, _load_savedmodel),
-    ExportFormat("tflite_float32", "chestct_float32.tflite", _tflite_writer(quantize=False), _load_tflite),
-    ExportFormat("tflite_dynamic", "chestct_dynamic.tflite", _tflite_writer(quantize=True), _load_tflite,
-                 quantized=True),
+    ExportFormat("tflite_float32", "chestct_float32.tflite", _tflite_writer("none"), _load_tflite),
+    ExportFormat("tflite_dynamic", "chestct_dynamic.tflite", _tflite_writer("dynamic"), _load_tflite, quantized=True),
+    ExportFormat("tflite_float16", "chestct_float16.tflite", _tflite_writer("float16"), _load_tflite, quantized=True),
 )}
 FORMAT_ORDER = tuple(FORMATS)  # the predictor's default order: the most faithful formats first
 
