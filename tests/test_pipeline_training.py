@@ -172,8 +172,7 @@ def test_export_writes_every_format_with_verified_parity(exported_repo):
     threshold = json.loads((repo / "models/threshold.json").read_text())
     assert metadata["threshold"] == threshold["threshold"]
     assert metadata["input"] == {**metadata["input"], "shape": [64, 64, 1], "dtype": "uint8"}
-    assert metadata["preprocess"]["image_size"] == 64 and metadata["preprocess"]["crop"] == "lungs"
-    assert metadata["preprocess"]["intensity"] == "equalise_in_mask"
+    assert metadata["preprocess"]["image_size"] == 64 and metadata["preprocess"]["clahe"]["enabled"]
     for name, artifact in metadata["artifacts"].items():
         assert (export / artifact["file"]).exists() and len(artifact["sha256"]) == 64, name
     card = (export / "MODEL_CARD.md").read_text()

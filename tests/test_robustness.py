@@ -95,9 +95,9 @@ def test_a_brightness_model_is_exposed_by_the_suite_and_the_input_rules(preproce
     assert cues["input_intensity_std_auc"] > 0.9
 
 
-def test_the_default_preprocessing_takes_the_brightness_cue_out_of_the_models_input(default_params):
+def test_the_lesion_preprocessing_takes_the_brightness_cue_out_of_the_models_input(lesion_params, default_params):
     """Equalisation inside the body: the brightness-only phantom set's cue no longer reaches the model's input."""
-    standardised = default_params.preprocess.model_copy(update={"image_size": SIZE, "workers": 1})
+    standardised = lesion_params.preprocess.model_copy(update={"image_size": SIZE, "workers": 1})
     clean, report, cues = audit("brightness", brightness_model, standardised, default_params)
     assert cues["input_intensity_std_auc"] < 0.75 and clean < 0.75
 
