@@ -27,6 +27,7 @@ import numpy as np
 def _default_export(folder: Path) -> Path:
     import keras
 
+    from chestct.evaluation.thresholds import threshold_record
     from chestct.export.formats import planned_formats, write_artifacts
     from chestct.export.writer import write_metadata_files
     from chestct.params import load_params
@@ -41,11 +42,7 @@ def _default_export(folder: Path) -> Path:
     backbone = backbone_spec(params.model.backbone)
     formats, skipped = planned_formats(params.export.formats, backbone.legacy_h5, backbone.name)
     paths = write_artifacts(build_model(params.model, size), folder, formats)
-    settings = params.evaluate
-    threshold = {"threshold": 0.5, "method": "fixed", "chosen_on": "none (benchmark)",
-                 "settings": {"confidence_level": settings.confidence_level, "seed": params.seed,
-                              "bootstrap_resamples": settings.bootstrap_resamples,
-                              "gradcam_images": settings.gradcam_images, "histogram_bins": settings.histogram_bins}}
+    threshold = threshold_record({"threshold": 0.5, "method": "fixed", "chosen_on": "none (benchmark)"}, params)
     write_metadata_files(folder, params, threshold, paths, skipped, size, None, None)
     return folder
 

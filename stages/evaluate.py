@@ -7,7 +7,6 @@ from pathlib import Path
 import pandas as pd
 
 from chestct.atomic_io import write_json
-from chestct.decision import DECISION_RULE
 from chestct.evaluation import plots
 from chestct.evaluation.attention import anatomy_masks, attention_report, outline
 from chestct.evaluation.gradcam import gradcam, overlay
@@ -15,7 +14,7 @@ from chestct.evaluation.input_cues import input_shortcut_audit
 from chestct.evaluation.robustness import build_perturbations, raw_reference, robustness_report
 from chestct.evaluation.scoring import gradcam_selection, leak_free_mask, predict_scores, roc_band_for, split_metrics
 from chestct.evaluation.shortcuts import raw_grayscale, shortcut_audit
-from chestct.evaluation.thresholds import choose_threshold
+from chestct.evaluation.thresholds import choose_threshold, threshold_record
 from chestct.imaging.processed import load_split
 from chestct.params import load_params
 from chestct.training.model import load_trained_model
@@ -44,15 +43,17 @@ def _robustness(model, train_gray, test_gray, test, clean_auc, threshold, params
             "worst": report["worst"], "worst_drop": report["worst_drop"]}
 
 
-def _gradcam_grid(model, test, test_scores, threshold, settings, masks) -> None:
+def _gradcam_grid(model, test, test_scores, threshold, settings, attention_maps) -> None:
+    """The TP/FP/TN/FN grid; `attention_maps` (heatmaps, bodies, lungs of every test image) when the attention
+    audit already computed them, else None and only the picked images are computed."""
     picks = gradcam_selection(test.labels, test_scores, threshold, settings.gradcam_images)
     if not picks:
         return
     indices = [index for index, _ in picks]
-    heatmaps = gradcam(model, test.images[indices])
-    bodies, lungs = masks if masks is not None else anatomy_masks(test.images[indices])
-    if masks is not None:
-        bodies, lungs = bodies[indices], lungs[indices]
+    if attention_maps is None:
+        heatmaps, (bodies, lungs) = gradcam(model, test.images[indices]), anatomy_masks(test.images[indices])
+    else:
+        heatmaps, bodies, lungs = (maps[indices] for maps in attention_maps)
     tiles = [(outline(overlay(test.images[index], heatmap), body, lung), f"{kind} p={test_scores[index]:.2f}")
              for (index, kind), heatmap, body, lung in zip(picks, heatmaps, bodies, lungs, strict=True)]
     plots.gradcam_grid_png(PLOTS / "gradcam.png", tiles)
@@ -69,11 +70,7 @@ def main() -> None:
     valid_scores = predict_scores(model, valid.images, batch)
     choice = choose_threshold(valid.labels, valid_scores, settings.threshold)  # validation only
     threshold = choice["threshold"]
-    # The settings travel with the threshold into the export's metadata: external validation reuses them.
-    evaluated_with = {"confidence_level": settings.confidence_level, "seed": seed,
-                      "bootstrap_resamples": settings.bootstrap_resamples,
-                      "gradcam_images": settings.gradcam_images, "histogram_bins": settings.histogram_bins}
-    write_json(THRESHOLD, {**choice, "chosen_on": "valid", "decision": DECISION_RULE, "settings": evaluated_with})
+    write_json(THRESHOLD, threshold_record(choice, params))
 
     test_scores = predict_scores(model, test.images, batch)
     leak_free = leak_free_mask(test, manifest)
@@ -86,10 +83,10 @@ def main() -> None:
         "shortcut": shortcut_audit(model, train, test, test_scores, manifest, train_gray, test_gray, settings, batch)
         | input_shortcut_audit(train.images, train.labels, test.images, test.labels, settings.histogram_bins),
     }
-    masks = None
+    attention_maps = None
     if settings.attention:
-        masks = anatomy_masks(test.images)
-        metrics["attention"] = attention_report(gradcam(model, test.images), test.labels, *masks)
+        attention_maps = (gradcam(model, test.images), *anatomy_masks(test.images))
+        metrics["attention"] = attention_report(attention_maps[0], test.labels, *attention_maps[1:])
     if settings.robustness.enabled:
         metrics["robustness"] = _robustness(model, train_gray, test_gray, test, metrics["test"]["auc"], threshold,
                                             params)
@@ -102,7 +99,7 @@ def main() -> None:
     plots.score_histogram_png(PLOTS / "scores.png", test.labels, test_scores, threshold)
     plots.confusion_png(PLOTS / "confusion.png", metrics["test"])
     plots.calibration_png(PLOTS / "calibration.png", curves)
-    _gradcam_grid(model, test, test_scores, threshold, settings, masks)
+    _gradcam_grid(model, test, test_scores, threshold, settings, attention_maps)
     _print_summary(metrics, choice)
 
 

@@ -33,18 +33,10 @@ def phantom_images(count: int = 6, seed: int = 0) -> list[tuple[int, np.ndarray]
     return [(index % 2, render_phantom(rng, (160, 160), 2 * (index % 2))) for index in range(count)]
 
 
-def tiny_threshold_record(params, threshold: float) -> dict:
-    """What the evaluate stage writes to models/threshold.json, for a threshold set by hand."""
-    settings = params.evaluate
-    return {"threshold": threshold, "method": "fixed", "chosen_on": "valid",
-            "settings": {"confidence_level": settings.confidence_level, "seed": params.seed,
-                         "bootstrap_resamples": settings.bootstrap_resamples,
-                         "gradcam_images": settings.gradcam_images, "histogram_bins": settings.histogram_bins}}
-
-
 def build_tiny_export(folder: Path, default_params, formats: tuple[str, ...] = FORMATS, **serve_overrides) -> Path:
     import keras
 
+    from chestct.evaluation.thresholds import threshold_record
     from chestct.export.formats import write_artifacts
     from chestct.export.writer import write_metadata_files
     from chestct.imaging.preprocess import preprocess_gray
@@ -56,7 +48,7 @@ def build_tiny_export(folder: Path, default_params, formats: tuple[str, ...] = F
     images = np.stack([preprocess_gray(gray, params.preprocess) for _, gray in phantom_images()])
     threshold = float(np.median(model.predict(images, verbose=0).ravel()))
     paths = write_artifacts(model, folder, list(formats))
-    write_metadata_files(folder, params, tiny_threshold_record(params, threshold),
+    write_metadata_files(folder, params, threshold_record({"threshold": threshold, "method": "fixed"}, params),
                          paths, {}, SIZE, None, None)
     return folder
 

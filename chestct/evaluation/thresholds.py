@@ -21,9 +21,9 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.special import expit, logit
 
-from chestct.decision import decide
+from chestct.decision import DECISION_RULE, decide
 from chestct.errors import ChestctError
-from chestct.params import ThresholdParams
+from chestct.params import Params, ThresholdParams
 
 # Scores are clipped to [EPS, 1 - EPS] before taking logits so that 0 and 1 stay finite; the interval below
 # the lowest score and the one above the highest score are closed off at these bounds.
@@ -154,6 +154,16 @@ def choose_threshold(
         "valid_specificity": specificity,
         "valid_youden": sensitivity + specificity - 1.0,
     }
+
+
+def threshold_record(choice: dict, params: Params) -> dict:
+    """models/threshold.json: the validation choice, the decision rule, and the evaluation settings, which travel
+    with the threshold into the export's metadata (external validation reuses them)."""
+    settings = params.evaluate
+    return {**choice, "chosen_on": choice.get("chosen_on", "valid"), "decision": DECISION_RULE,
+            "settings": {"confidence_level": settings.confidence_level, "seed": params.seed,
+                         "bootstrap_resamples": settings.bootstrap_resamples,
+                         "gradcam_images": settings.gradcam_images, "histogram_bins": settings.histogram_bins}}
 
 
 def operating_point(
