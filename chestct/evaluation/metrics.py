@@ -86,7 +86,7 @@ def bootstrap_auc(
     return np.concatenate(aucs)
 
 
-def _percentile_interval(values: np.ndarray, level: float, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def percentile_interval(values: np.ndarray, level: float, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     alpha = 1.0 - level
     low, high = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0], axis=axis)
     return low, high
@@ -153,7 +153,7 @@ def binary_metrics(
 
     if both_classes:
         auc = float(roc_auc_score(y, s))
-        low, high = _percentile_interval(bootstrap_auc(y, s, resamples, seed), level)
+        low, high = percentile_interval(bootstrap_auc(y, s, resamples, seed), level)
         auc_ci = [float(low), float(high)]
         dor = diagnostic_odds_ratio(tp, fp, fn, tn, level)
     else:
@@ -246,7 +246,7 @@ def roc_band(
             boot_scores = np.r_[pos[pos_idx[i]], neg[neg_idx[i]]]
             curves[row] = _tpr_on_grid(*_roc_points(boot_labels, boot_scores), fpr_grid)
             row += 1
-    low, high = _percentile_interval(curves, level, axis=0)
+    low, high = percentile_interval(curves, level, axis=0)
     return {
         "fpr": fpr_grid.tolist(),
         "tpr": tpr.tolist(),

@@ -22,7 +22,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from chestct.decision import decide
-from chestct.evaluation.metrics import bootstrap_auc
+from chestct.evaluation.metrics import bootstrap_auc, percentile_interval
 from chestct.evaluation.shortcuts import match_to_reference, reference_quantiles
 from chestct.imaging.preprocess import preprocess_gray
 from chestct.params import PreprocessParams, RobustnessParams
@@ -152,11 +152,17 @@ def raw_reference(train_grays: Sequence[np.ndarray]) -> np.ndarray:
     return reference_quantiles(train_grays)
 
 
+def perturbed_input(gray: np.ndarray, index: int, perturbation: Perturbation, preprocess: PreprocessParams,
+                    seed: int) -> np.ndarray:
+    """The model's input (S, S, 1) for raw image number `index` under `perturbation`; its noise is seeded
+    [seed, index], so the suite is the same on every run."""
+    return preprocess_gray(perturbation.apply(gray, np.random.default_rng([seed, index])), preprocess)
+
+
 def perturbed_inputs(grays: Sequence[np.ndarray], perturbation: Perturbation, preprocess: PreprocessParams,
                      seed: int) -> np.ndarray:
-    """The model's inputs (N, S, S, 1) for the perturbed raw images; image i draws its noise from [seed, i]."""
-    return np.stack([preprocess_gray(perturbation.apply(gray, np.random.default_rng([seed, index])), preprocess)
-                     for index, gray in enumerate(grays)])
+    """The model's inputs (N, S, S, 1) for the perturbed raw images."""
+    return np.stack([perturbed_input(gray, index, perturbation, preprocess, seed) for index, gray in enumerate(grays)])
 
 
 def robustness_report(predict: Callable[[np.ndarray], np.ndarray], grays: Sequence[np.ndarray],
@@ -178,9 +184,8 @@ def robustness_report(predict: Callable[[np.ndarray], np.ndarray], grays: Sequen
                  "specificity": float(1 - decisions[labels == 0].mean()) if np.any(labels == 0) else None}
         if both:
             entry["auc"] = float(roc_auc_score(labels, scores))
-            aucs = bootstrap_auc(labels, scores, resamples, seed)
-            alpha = 1.0 - level
-            entry["auc_ci"] = [float(v) for v in np.quantile(aucs, [alpha / 2.0, 1.0 - alpha / 2.0])]
+            low, high = percentile_interval(bootstrap_auc(labels, scores, resamples, seed), level)
+            entry["auc_ci"] = [float(low), float(high)]
         report["perturbations"][perturbation.name] = entry
     scored = {name: entry["auc"] for name, entry in report["perturbations"].items() if entry["auc"] is not None}
     worst = min(scored, key=scored.get) if scored else None
@@ -198,6 +203,6 @@ def perturbed_mixture(grays: Sequence[np.ndarray], suite: list[Perturbation], pr
     if not suite:
         raise ValueError("the robustness suite is empty: enable at least one perturbation in evaluate.robustness")
     chosen = [suite[index % len(suite)] for index in range(len(grays))]
-    images = np.stack([preprocess_gray(perturbation.apply(gray, np.random.default_rng([seed, index])), preprocess)
+    images = np.stack([perturbed_input(gray, index, perturbation, preprocess, seed)
                        for index, (gray, perturbation) in enumerate(zip(grays, chosen, strict=True))])
     return images, [perturbation.name for perturbation in chosen]
