@@ -13,7 +13,7 @@ import pandas as pd
 
 from chestct.evaluation.robustness import build_perturbations, perturbed_mixture, raw_reference
 from chestct.evaluation.shortcuts import raw_grayscale
-from chestct.imaging.processed import SplitArrays, load_split, save_processed
+from chestct.imaging.processed import load_split, save_processed
 from chestct.params import load_params
 from stages.errors import run_stage
 
@@ -32,9 +32,9 @@ def main() -> None:
     reference = raw_reference(raw_grayscale(train_ids, RAW_DATA)) if robustness.histogram_match else None
     suite = build_perturbations(robustness, reference)
     images, names = perturbed_mixture(raw_grayscale(valid.ids, RAW_DATA), suite, params.preprocess, params.seed)
-    perturbed = SplitArrays(images, valid.labels, valid.subtypes, valid.ids)
-    save_processed(OUT, {"valid": {"images": perturbed.images, "labels": perturbed.labels,
-                                   "subtypes": perturbed.subtypes, "ids": perturbed.ids}})
+    # save_processed validates the arrays as a split before it writes them.
+    save_processed(OUT, {"valid": {"images": images, "labels": valid.labels, "subtypes": valid.subtypes,
+                                   "ids": valid.ids}})
     print(f"robust_valid: {len(images)} validation images, each under one of {len(suite)} perturbations "
           f"({', '.join(sorted(set(names)))}) -> {OUT}")
 
