@@ -347,6 +347,7 @@ class ExportParams(Section):
     float_tolerance: Annotated[float, Field(gt=0.0)]
     quantized_tolerance: Annotated[float, Field(gt=0.0)]
     min_decision_agreement: Probability
+    require_all: bool
     latency_runs: PositiveInt
 
 
@@ -360,6 +361,10 @@ class ServeParams(Section):
     max_files: PositiveInt
     max_pixels: PositiveInt
     dicom_window: DicomWindowParams
+    max_concurrent: PositiveInt
+    queue_timeout_s: Annotated[float, Field(ge=0.0)]
+    body_timeout_s: Annotated[float, Field(gt=0.0)]
+    max_connections: PositiveInt
 
 
 class Params(Section):
