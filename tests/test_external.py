@@ -1,13 +1,15 @@
 """`chestct evaluate-external` on a generated phantom folder with custom class-folder names.
 
-The folder: "Benign scans" (Normal: 5 PNG + 1 DICOM, a corrupt PNG, a .DS_Store), "Tumour scans" (Cancer: 6 PNG,
-a byte copy of one of them in a sub-folder, and a byte copy of a Benign scan, i.e. one content under both labels)
+The folder: "Benign scans" (Normal: 5 PNG + 1 DICOM, a corrupt PNG, a .DS_Store, a FIFO and a link to itself),
+"Tumour scans" (Cancer: 6 PNG, a byte copy of one of them in a sub-folder, a byte copy of a Benign scan, i.e. one
+content under both labels, and links to the Benign folder and to a Benign file, which are skipped, not followed)
 and an unmapped "Other" folder. The command runs once per configuration (default, --dedup, swapped map).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -47,7 +49,19 @@ def make_phantom_folder(root: Path) -> Path:
     shutil.copyfile(benign / "b1.png", tumour / "mislabelled.png")  # one content under both labels
     (other / "x.png").write_bytes(png_bytes(normals[0]))
     (data / "notes.txt").write_text("loose file beside the class folders")
+    for name, points_to in SKIPPED_LINKS.items():
+        (data / name).symlink_to(points_to)
+    os.mkfifo(benign / "fifo.png")  # reading it would wait forever for a writer
     return data
+
+
+# Followed, these would file Benign images under Cancer too (and the loop would never resolve).
+SKIPPED_LINKS = {"Tumour scans/linked_benign": "../Benign scans", "Tumour scans/link.png": "../Benign scans/b0.png",
+                 "Benign scans/loop.png": "loop.png"}
+SKIPPED_REASONS = {"Benign scans/fifo.png": "not a regular file (a FIFO)",
+                   "Benign scans/loop.png": "a broken symbolic link or a link loop",
+                   "Tumour scans/link.png": "a symbolic link to a file, not followed",
+                   "Tumour scans/linked_benign": "a symbolic link to a folder, not followed"}
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +129,23 @@ def test_every_output_is_written_with_the_right_counts(runs):
     assert report["ignored"]["loose_files"] == 1
     assert report["model"]["format"] == "keras" and report["threshold"]["chosen_on"] == "valid"
     assert report["limits"] and "patient" in report["limits"][0]
+    assert counts["skipped"] == len(SKIPPED_REASONS)
     for text in ("AUC", "sensitivity", "specificity", "intensity shortcut AUC", "unreadable: Benign scans/broken.png",
                  "duplicates: 2 exact groups (4 files), 1 across labels", "report: reports/external/hospital/"):
         assert text in stdout, text
+
+
+def test_links_and_non_regular_files_are_listed_as_skipped_with_the_reason(runs):
+    report, table = load(runs["default"])
+    skipped = {entry["file"]: entry for entry in report["skipped"]}
+    assert set(skipped) == set(SKIPPED_REASONS)
+    for name, reason in SKIPPED_REASONS.items():
+        assert reason in skipped[name]["reason"], name
+        assert f"skipped: {name}: {reason}" in runs["default"][1]
+    assert skipped["Tumour scans/linked_benign"]["folder"] == "Tumour scans"
+    assert set(skipped).isdisjoint(set(table["file"]))
+    assert not table["file"].str.startswith("Tumour scans/linked_benign/").any()
+    assert "4 skipped (links, non-regular files)" in runs["default"][1]
 
 
 def test_the_corrupt_file_is_reported_and_skipped(runs):
@@ -207,7 +235,14 @@ def test_label_map_parsing_accepts_names_and_nested_folders(tmp_path):
     (["benign scans=0", "Tumour scans=1"], "'benign scans' is not a folder"),
     (["Benign scans=0", "Other=0"], "names no Cancer folder"),
     (["Benign scans=0", "../hospital=1"], "must be a sub-folder"),
-    (["Benign scans=0", "Benign scans=1"], "mapped to both"),
+    (["Benign scans=0", "Benign scans=1"], "entries 'Benign scans=0' and 'Benign scans=1' name the same folder: "
+                                           "one folder cannot hold both Normal and Cancer"),
+    (["Benign scans=0", "Tumour scans/linked_benign=1"],
+     "entries 'Benign scans=0' and 'Tumour scans/linked_benign=1' name the same folder (both resolve to "
+     "'Benign scans', through a link)"),
+    (["Benign scans=0", "Tumour scans=1", "Tumour scans/linked_benign/=normal"], "'Benign scans=0' and "
+     "'Tumour scans/linked_benign/=normal' name the same folder (both resolve to 'Benign scans', through a link): "
+     "its files would be counted twice"),
 ])
 def test_label_map_errors_name_the_problem(phantom_dir, tmp_path, capsys, label_map, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -258,3 +293,24 @@ def test_parse_label_map_refuses_overlapping_folders(phantom_dir):
     (phantom_dir / "Tumour scans" / "sub").mkdir(exist_ok=True)
     with pytest.raises(ExternalDataError, match="overlap"):
         parse_label_map(["Tumour scans=1", "Tumour scans/sub=0"], phantom_dir)
+
+
+def test_overlap_is_judged_on_resolved_folders(tmp_path):
+    """The issue's map: normal/loop_up points at the data folder itself, so it holds cancer/ as well."""
+    data = tmp_path / "scans"
+    for folder in ("normal", "cancer"):
+        (data / folder).mkdir(parents=True)
+    (data / "normal" / "loop_up").symlink_to("..")
+    with pytest.raises(ExternalDataError) as same:
+        parse_label_map(["normal/loop_up/cancer=0", "cancer=1"], data)
+    assert str(same.value).startswith("label map entries 'normal/loop_up/cancer=0' and 'cancer=1' name the same "
+                                      "folder (both resolve to 'cancer', through a link)")
+    with pytest.raises(ExternalDataError) as nested:
+        parse_label_map(["normal/loop_up=0", "cancer=1"], data)
+    assert ("label map entries 'normal/loop_up=0' and 'cancer=1' overlap: 'cancer' resolves to 'cancer', inside "
+            "'normal/loop_up' (" in str(nested.value))
+    assert parse_label_map(["normal=0", "cancer=1"], data) == {"normal": 0, "cancer": 1}
+    listed = discover_files(data, {"normal": 0, "cancer": 1})
+    assert listed.skipped == [{"file": "normal/loop_up", "folder": "normal",
+                               "reason": listed.skipped[0]["reason"]}]
+    assert "a symbolic link to a folder, not followed" in listed.skipped[0]["reason"]

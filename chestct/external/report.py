@@ -23,6 +23,7 @@ OUTPUT_FILES = {"metrics": "metrics.json", "predictions": "predictions.csv", "ro
                 "scores": "scores.png", "gradcam": "gradcam_errors.png"}
 CSV_COLUMNS = ("file", "folder", "label", "probability", "decision", "outcome", "copies", "sha256")
 _CAPTION_CHARS = 26
+_LISTED = 10  # unreadable and skipped files printed one by one (metrics.json lists them all)
 
 
 def _short(name: str, limit: int = _CAPTION_CHARS) -> str:
@@ -132,7 +133,8 @@ def summary_lines(result: ExternalResult) -> list[str]:
         f"{threshold['value']:.4f} ({threshold['method'] or 'method not recorded'}, chosen on "
         f"{threshold['chosen_on'] or '?'}; stored in the export, not tuned here)",
         f"scored n={metrics['n']} ({metrics['n_normal']} Normal, {metrics['n_cancer']} Cancer) of {counts['files']} "
-        f"files; {counts['unreadable']} unreadable, {counts['hidden_skipped']} hidden skipped",
+        f"files; {counts['unreadable']} unreadable, {counts['skipped']} skipped (links, non-regular files), "
+        f"{counts['hidden_skipped']} hidden skipped",
         f"AUC          {_with_ci(metrics['auc'], metrics['auc_ci'])}  ({level:.0%} CI, "
         f"{report['settings']['bootstrap_resamples']} stratified bootstrap resamples)",
         f"sensitivity  {_with_ci(metrics['sensitivity'], metrics['sensitivity_ci'])}  "
@@ -156,10 +158,11 @@ def summary_lines(result: ExternalResult) -> list[str]:
     elif duplicates["groups"]:
         duplicate_line += "; every copy scored (--dedup scores each content once)"
     lines.append(duplicate_line)
-    for entry in report["unreadable"][:10]:
-        lines.append(f"unreadable: {entry['file']}: {entry['reason']}")
-    if len(report["unreadable"]) > 10:
-        lines.append(f"unreadable: ... {len(report['unreadable']) - 10} more in metrics.json")
+    for kind in ("unreadable", "skipped"):
+        for entry in report[kind][:_LISTED]:
+            lines.append(f"{kind}: {entry['file']}: {entry['reason']}")
+        if len(report[kind]) > _LISTED:
+            lines.append(f"{kind}: ... {len(report[kind]) - _LISTED} more in metrics.json")
     if report["gradcam"]["reason"]:
         lines.append(f"Grad-CAM: no tiles: {report['gradcam']['reason']}")
     lines.append(f"report: {result.out_dir}/ ({', '.join(report['outputs'].values())})")

@@ -4,8 +4,10 @@ The official test split is confounded and full of copies of training images, so 
 scans?" needs a folder the model has never seen. `evaluate_external` takes such a folder and a label map
 (FOLDER=LABEL: which sub-folders hold Normal and which hold Cancer scans), and:
 
-- finds every file under the mapped folders (recursively; dotfiles and dot-folders are skipped and counted),
-  lists the folders that were not mapped, and refuses a map it cannot honour before any model work;
+- finds every regular file under the mapped folders (recursively; dotfiles and dot-folders are skipped and
+  counted; links, FIFOs, sockets and devices are not followed or read but listed with the reason), lists the
+  folders that were not mapped, and refuses a map it cannot honour (one folder under two mappings, compared with
+  every link followed) before any model work;
 - hashes every file (sha256 of its bytes) to find exact copies, including copies filed under both labels;
 - decodes and scores each distinct content once with `chestct.serving.predictor.Predictor` (PNG, JPEG and DICOM, the
   type read from the bytes, the preprocessing and the threshold from the export's metadata). A file that cannot
@@ -147,6 +149,20 @@ def score_contents(predictor, files: Sequence[ExternalFile], digests: dict[str, 
     return result
 
 
+def _check_classes_present(files: Sequence[ExternalFile], label_map: dict[str, int], what: str,
+                           skipped: Sequence[dict], unreadable: Sequence[dict] = ()) -> None:
+    """check_classes_present, its message extended by the files left out and why (the likely cause)."""
+    try:
+        check_classes_present(files, label_map, what)
+    except ExternalDataError as exc:
+        message = str(exc)
+        for kind, entries in (("unreadable", unreadable), ("skipped", skipped)):
+            if entries:
+                shown = "; ".join(f"{entry['file']}: {entry['reason']}" for entry in entries[:5])
+                message += f" ({len(entries)} {kind}: {shown})"
+        raise ExternalDataError(message) from None
+
+
 # --- duplicates, rows, metrics ------------------------------------------------------------------------------
 
 
@@ -258,7 +274,7 @@ def evaluate_external(data_dir: str | Path, label_map_entries: Sequence[str], ex
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(data_dir)
     check_out_dir(out_dir, data_dir, label_map)
     found = discover_files(data_dir, label_map)
-    check_classes_present(found.files, label_map)
+    _check_classes_present(found.files, label_map, "files", found.skipped)
 
     predictor = Predictor(export_dir, formats)  # formats None: $CHESTCT_FORMATS or the default order
     digests, read_errors = hash_files(found.files, progress)
@@ -274,12 +290,7 @@ def evaluate_external(data_dir: str | Path, label_map_entries: Sequence[str], ex
             unreadable.append({"file": item.relative, "folder": item.folder, "label": item.label, "reason": reason})
     groups = duplicate_groups(readable, digests)
     rows, copies_left_out, conflicting_left_out = select_rows(readable, digests, groups, dedup)
-    try:
-        check_classes_present(rows, label_map, "readable images")
-    except ExternalDataError as exc:
-        shown = "; ".join(f"{entry['file']}: {entry['reason']}" for entry in unreadable[:5])
-        raise ExternalDataError(f"{exc}" + (f" ({len(unreadable)} unreadable: {shown})" if unreadable else "")) \
-            from None
+    _check_classes_present(rows, label_map, "readable images", found.skipped, unreadable)
 
     labels = np.array([item.label for item in rows], dtype=int)
     scores = np.array([scored.probability[digests[item.relative]] for item in rows], dtype=np.float64)
@@ -322,13 +333,15 @@ def evaluate_external(data_dir: str | Path, label_map_entries: Sequence[str], ex
                       "decision": DECISION_RULE},
         "label_map": by_folder,
         "settings": {**settings.to_dict(), "dedup": dedup},
-        "counts": {"files": len(found.files), "hidden_skipped": found.hidden_skipped, "unreadable": len(unreadable),
+        "counts": {"files": len(found.files), "hidden_skipped": found.hidden_skipped, "skipped": len(found.skipped),
+                   "unreadable": len(unreadable),
                    "readable": len(readable), "scored": len(rows),
                    "scored_by_class": {name: int((labels == label).sum()) for label, name in enumerate(CLASS_NAMES)},
                    "duplicate_copies_left_out": copies_left_out, "conflicting_files_left_out": conflicting_left_out},
         "metrics": metrics,
         "shortcut": {"model_auc": metrics["auc"], **shortcut},
         "unreadable": unreadable,
+        "skipped": found.skipped,
         "ignored": {"folders": found.ignored_folders, "loose_files": found.loose_files,
                     "note": "folders not named in --label-map are not scored; dotfiles and dot-folders are skipped "
                             "unread"},
