@@ -1,16 +1,21 @@
-"""export stage: every format from models/phase2.keras, parity-checked in fresh processes, metadata, model card."""
+"""export stage: every format from models/phase2.keras, parity-checked in fresh processes, metadata, model card.
+
+A float format out of tolerance fails the stage; a quantized one is left out (its file removed, its figures and
+the reason in metrics/export.json, metadata.json and the model card) unless export.require_all is true.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from chestct.atomic_io import atomic_path, write_json
-from chestct.export.formats import planned_formats, write_artifacts
-from chestct.export.parity import check_parity, parity_report, run_in_fresh_process
+from chestct.export.formats import artifact_bytes, planned_formats, remove_artifact, write_artifacts
+from chestct.export.parity import formats_to_leave_out, left_out_warning, measure_format, run_in_fresh_process
 from chestct.export.writer import write_metadata_files
 from chestct.imaging.processed import load_split
 from chestct.params import load_params
@@ -44,6 +49,17 @@ def precision_report(trained, exported, images: np.ndarray) -> dict:
     return report
 
 
+def _measured_line(name: str, report: dict, latency: dict | None) -> str:
+    """One progress line per format: size, parity figures, latency (n/a where the artifact did not run)."""
+    def figure(value, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    median = figure(latency["median_ms"] if latency else None, ".1f")
+    return (f"export: {name:<15} {report['bytes'] / 1e6:7.1f} MB  max|dp| {figure(report['max_abs_diff'], '.2e')}  "
+            f"agreement {figure(report['decision_agreement'], '.4f')}  latency {median} ms"
+            + ("" if report["passed"] else "  FAILED parity"))
+
+
 def main() -> None:
     params = load_params()
     threshold = json.loads(THRESHOLD.read_text())
@@ -56,9 +72,6 @@ def main() -> None:
 
     with atomic_path(EXPORT) as folder, tempfile.TemporaryDirectory() as scratch:
         paths = write_artifacts(model, folder, formats)
-        # Hashes every artifact once; if parity fails below, the whole folder is discarded with it.
-        artifacts = write_metadata_files(folder, params, threshold, paths, skipped, test.image_size,
-                                         _read_json(EVAL_METRICS), _read_json(DATA_METRICS)).artifacts
         images_file = Path(scratch) / "test_images.npy"
         np.save(images_file, test.images)
         reference_model = MODEL
@@ -68,19 +81,25 @@ def main() -> None:
         reference = run_in_fresh_process("keras", reference_model, images_file, 1)["scores"]
         reports, latency = {}, {}
         for name, path in paths.items():
-            run = run_in_fresh_process(name, path, images_file, params.export.latency_runs)
-            size = artifacts[name].bytes
-            reports[name] = parity_report(reference, run["scores"], threshold["threshold"], name, params.export)
-            reports[name]["bytes"] = size
-            latency[name] = {"median_ms": float(np.median(run["latency_ms"])),
-                             "p95_ms": float(np.percentile(run["latency_ms"], 95))}
-            print(f"export: {name:<15} {size / 1e6:7.1f} MB  max|dp| {reports[name]['max_abs_diff']:.2e}  "
-                  f"agreement {reports[name]['decision_agreement']:.4f}  "
-                  f"latency {latency[name]['median_ms']:.1f} ms", flush=True)
-        check_parity(reports)  # raises before the folder is moved into place: nothing half-exported
-    write_json(METRICS, {"test_images": len(test), "formats": reports, "skipped": skipped, "precision": precision})
+            reports[name], timings = measure_format(name, path, images_file, reference, threshold["threshold"],
+                                                    params.export)
+            reports[name]["bytes"] = artifact_bytes(path)
+            if timings.size:
+                latency[name] = {"median_ms": float(np.median(timings)), "p95_ms": float(np.percentile(timings, 95))}
+            print(_measured_line(name, reports[name], latency.get(name)), flush=True)
+        # Raises (a float format failed, or export.require_all) before the folder is moved into place.
+        left_out = formats_to_leave_out(reports, params.export.require_all)
+        for name, report in left_out.items():
+            remove_artifact(paths.pop(name))  # the export folder holds only what passed
+            latency.pop(name, None)
+            print(left_out_warning(name, report), file=sys.stderr, flush=True)
+        write_metadata_files(folder, params, threshold, paths, skipped, test.image_size, _read_json(EVAL_METRICS),
+                             _read_json(DATA_METRICS), left_out)
+    write_json(METRICS, {"test_images": len(test), "formats": {name: reports[name] for name in paths},
+                         "left_out": left_out, "skipped": skipped, "precision": precision})
     write_json(LATENCY, {"single_image_runs": params.export.latency_runs, "formats": latency})
-    print(f"export: {len(paths)} formats -> {EXPORT}; parity checked on {len(test)} test images")
+    print(f"export: {len(paths)} formats -> {EXPORT} ({', '.join(paths)}); parity checked on {len(test)} test "
+          f"images" + (f"; left out: {', '.join(left_out)}" if left_out else ""))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,26 @@
-"""Export planning and the parity rule, without TensorFlow conversions (the end-to-end test runs those)."""
+"""Export planning, the parity rule and what a left-out format leaves behind, without TensorFlow conversions (the
+stage itself runs in test_export_stage.py, the whole pipeline in the end-to-end test)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 
-from chestct.export.formats import UnknownFormatError, planned_formats
-from chestct.export.parity import ExportParityError, check_parity, parity_report
+from chestct.evaluation.thresholds import threshold_record
+from chestct.export.formats import NothingToExportError, UnknownFormatError, planned_formats
+from chestct.export.metadata import SCHEMA_VERSION, build_metadata, read_metadata, write_metadata
+from chestct.export.model_card import render_model_card
+from chestct.export.parity import (
+    ExportParityError,
+    failed_run_report,
+    formats_to_leave_out,
+    left_out_warning,
+    parity_report,
+)
+
+REFERENCE = np.array([0.1, 0.4, 0.6, 0.9])
 
 
 def test_planned_formats_skip_h5_where_keras_cannot_reload_it(default_params):
@@ -21,23 +35,115 @@ def test_an_unknown_format_is_refused_naming_the_choices():
         planned_formats(["keras", "tflite_int8"], True, "densenet121")
 
 
+def test_a_plan_with_nothing_to_write_is_refused_naming_why():
+    with pytest.raises(NothingToExportError, match=r"h5: Keras cannot reload mobilenetv3small.*export\.formats"):
+        planned_formats(["h5"], False, "mobilenetv3small")
+
+
 def test_parity_uses_the_float_or_quantized_tolerance(default_params):
-    reference = np.array([0.1, 0.4, 0.6, 0.9])
     params = default_params.export
-    float_report = parity_report(reference, reference + 2e-6, 0.5, "tflite_float32", params)
+    float_report = parity_report(REFERENCE, REFERENCE + 2e-6, 0.5, "tflite_float32", params)
     assert float_report["passed"] and float_report["tolerance"] == params.float_tolerance
-    quantized = parity_report(reference, reference + 0.01, 0.5, "tflite_dynamic", params)
-    assert quantized["passed"] and quantized["tolerance"] == params.quantized_tolerance
-    flipped = parity_report(reference, np.array([0.1, 0.4, 0.49, 0.9]), 0.5, "tflite_dynamic", params)
+    assert not float_report["quantized"] and "reason" not in float_report
+    quantized = parity_report(REFERENCE, REFERENCE + 0.01, 0.5, "tflite_dynamic", params)
+    assert quantized["passed"] and quantized["tolerance"] == params.quantized_tolerance and quantized["quantized"]
+    flipped = parity_report(REFERENCE, np.array([0.1, 0.4, 0.49, 0.9]), 0.5, "tflite_dynamic", params)
     assert not flipped["passed"] and flipped["decision_agreement"] == 0.75
+    assert flipped["reason"] == ("max |p - p_keras| 0.11 > 0.02 (export.quantized_tolerance); decision agreement "
+                                 "0.7500 < 0.9900 (export.min_decision_agreement)")
 
 
-def test_a_broken_format_is_named(default_params):
-    reference = np.array([0.2, 0.8])
+def test_float16_tflite_counts_as_quantized_as_the_registry_says(default_params):
+    report = parity_report(REFERENCE, REFERENCE + 1e-3, 0.5, "tflite_float16", default_params.export)
+    assert report["quantized"] and report["passed"]
+
+
+def test_a_float_format_out_of_tolerance_fails_the_export_naming_it(default_params):
     reports = {
-        "savedmodel": parity_report(reference, reference, 0.5, "savedmodel", default_params.export),
-        "tflite_float32": parity_report(reference, reference + 1e-3, 0.5, "tflite_float32", default_params.export),
+        "savedmodel": parity_report(REFERENCE, REFERENCE, 0.5, "savedmodel", default_params.export),
+        "tflite_float32": parity_report(REFERENCE, REFERENCE + 1e-3, 0.5, "tflite_float32", default_params.export),
     }
-    with pytest.raises(ExportParityError, match=r"tflite_float32: max \|p - p_keras\| = 0\.001") as error:
-        check_parity(reports)
-    assert "savedmodel" not in str(error.value)
+    with pytest.raises(ExportParityError, match=r"tflite_float32: max \|p - p_keras\| 0\.001 > 1e-05 "
+                                                r"\(export\.float_tolerance\)") as error:
+        formats_to_leave_out(reports, require_all=False)
+    assert "savedmodel" not in str(error.value) and "Nothing was exported" in str(error.value)
+
+
+def _with_a_failing_quantized_variant(params) -> dict[str, dict]:
+    return {
+        "keras": parity_report(REFERENCE, REFERENCE, 0.5, "keras", params),
+        "tflite_dynamic": parity_report(REFERENCE, REFERENCE + 0.0332, 0.5, "tflite_dynamic", params),
+    }
+
+
+def test_a_quantized_variant_out_of_tolerance_is_left_out_with_its_figures(default_params):
+    left_out = formats_to_leave_out(_with_a_failing_quantized_variant(default_params.export), require_all=False)
+    assert list(left_out) == ["tflite_dynamic"]
+    record = left_out["tflite_dynamic"]
+    assert record["max_abs_diff"] == pytest.approx(0.0332) and record["tolerance"] == 0.02
+    assert record["decision_agreement"] == 1.0 and record["required_agreement"] == 0.99
+    assert record["reason"] == "max |p - p_keras| 0.0332 > 0.02 (export.quantized_tolerance)"
+    assert left_out_warning("tflite_dynamic", record) == (
+        "export: warning: tflite_dynamic left out: max |p - p_keras| 0.0332 > 0.02 (export.quantized_tolerance); "
+        "set export.require_all: true to fail instead")
+
+
+def test_require_all_fails_naming_the_quantized_variant(default_params):
+    with pytest.raises(ExportParityError, match=r"(?s)export\.require_all is true.*tflite_dynamic: max \|p - p_keras\|"
+                                                r" 0\.0332 > 0\.02.*export\.require_all: false"):
+        formats_to_leave_out(_with_a_failing_quantized_variant(default_params.export), require_all=True)
+
+
+def test_every_format_failing_is_an_error(default_params):
+    reports = {"tflite_dynamic": parity_report(REFERENCE, REFERENCE + 0.05, 0.5, "tflite_dynamic",
+                                               default_params.export)}
+    with pytest.raises(ExportParityError, match=r"(?s)no format passed.*tflite_dynamic.*Add a float format"):
+        formats_to_leave_out(reports, require_all=False)
+
+
+def test_a_quantized_variant_that_cannot_run_is_left_out_with_the_error(default_params):
+    crashed = failed_run_report("tflite_dynamic", default_params.export,
+                                "tflite_dynamic: chestct_dynamic.tflite failed to load or run in a fresh process:\n"
+                                "  RuntimeError: bad op")
+    reports = {"keras": parity_report(REFERENCE, REFERENCE, 0.5, "keras", default_params.export),
+               "tflite_dynamic": crashed}
+    left_out = formats_to_leave_out(reports, require_all=False)
+    assert left_out["tflite_dynamic"]["max_abs_diff"] is None
+    assert left_out["tflite_dynamic"]["reason"].endswith("fresh process: | RuntimeError: bad op")
+    crashed_float = failed_run_report("savedmodel", default_params.export, "savedmodel: cannot load")
+    with pytest.raises(ExportParityError, match="savedmodel: savedmodel: cannot load"):
+        formats_to_leave_out({**reports, "savedmodel": crashed_float}, require_all=False)
+
+
+def _metadata(default_params, left_out):
+    artifact = {"file": "chestct.keras", "sha256": "0" * 64, "bytes": 1000}
+    threshold = threshold_record({"threshold": 0.5, "method": "fixed"}, default_params)
+    return build_metadata(default_params, threshold, {"keras": artifact}, {"h5": "not for this backbone"}, 64,
+                          None, left_out)
+
+
+def test_metadata_and_model_card_record_a_left_out_format(default_params, tmp_path):
+    left_out = formats_to_leave_out(_with_a_failing_quantized_variant(default_params.export), require_all=False)
+    metadata = _metadata(default_params, left_out)
+    write_metadata(tmp_path, metadata)
+    written = json.loads((tmp_path / "metadata.json").read_text())
+    assert written["schema_version"] == SCHEMA_VERSION == "2.1"
+    assert written["left_out_formats"] == {"tflite_dynamic": {
+        "reason": "max |p - p_keras| 0.0332 > 0.02 (export.quantized_tolerance)", "max_abs_diff": pytest.approx(0.0332),
+        "tolerance": 0.02, "decision_agreement": 1.0, "required_agreement": 0.99}}
+    assert read_metadata(tmp_path).left_out_formats["tflite_dynamic"].tolerance == 0.02
+    card = render_model_card(metadata, None)
+    assert ("- tflite_dynamic left out: it failed the parity check against the Keras model (max |p - p_keras| "
+            "0.0332 > 0.02 (export.quantized_tolerance)). Measured on the test split: max |p - p_keras| 0.0332 "
+            "(limit 0.02), decision agreement 1.0000 (required 0.9900).") in card
+    assert "- h5 not exported: not for this backbone" in card
+
+
+def test_a_schema_2_0_file_without_left_out_formats_still_reads(default_params, tmp_path):
+    write_metadata(tmp_path, _metadata(default_params, None))
+    raw = json.loads((tmp_path / "metadata.json").read_text())
+    raw.pop("left_out_formats")
+    (tmp_path / "metadata.json").write_text(json.dumps({**raw, "schema_version": "2.0"}))
+    metadata = read_metadata(tmp_path)
+    assert metadata.schema_version == "2.0" and metadata.left_out_formats == {}
+    assert "left out" not in render_model_card(metadata, None)

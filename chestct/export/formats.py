@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -37,6 +38,10 @@ class UnknownFormatError(ChestctError, ValueError):
     """An export format name that is not in the registry."""
 
 
+class NothingToExportError(ChestctError, ValueError):
+    """`export.formats` names no format that can be written for this backbone."""
+
+
 def artifact_digest(path: Path) -> tuple[str, int]:
     """sha256 and size in bytes of a file, or of a folder's files in sorted order (for SavedModel)."""
     digest, size = hashlib.sha256(), 0
@@ -48,6 +53,19 @@ def artifact_digest(path: Path) -> tuple[str, int]:
         digest.update(data)
         size += len(data)
     return digest.hexdigest(), size
+
+
+def artifact_bytes(path: Path) -> int:
+    """Size in bytes of a file, or of all of a folder's files (for SavedModel)."""
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def remove_artifact(path: Path) -> None:
+    """Delete one written artifact, a file or a folder (SavedModel)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 # --- writers ----------------------------------------------------------------------------------------------
@@ -211,6 +229,10 @@ def planned_formats(requested: list[str], backbone_legacy_h5: bool, backbone: st
             skipped[name] = f"Keras cannot reload {backbone} from legacy .h5 (use .keras or SavedModel)"
         elif name not in names:
             names.append(name)
+    if not names:
+        reasons = "; ".join(f"{name}: {why}" for name, why in skipped.items())
+        raise NothingToExportError(f"export.formats leaves nothing to export ({reasons}); add keras, savedmodel or "
+                                   f"tflite_float32 to export.formats")
     return names, skipped
 
 

@@ -6,7 +6,8 @@ saying what to do. Like a MONAI bundle's metadata, it records the library versio
 network's input contract (dtype, shape, value range), so a consumer can check both before feeding it.
 
 Schema versions: a minor bump adds optional fields (older readers ignore them); a major bump changes or removes
-fields, and readers of another major refuse the file.
+fields, and readers of another major refuse the file. 2.1 added `left_out_formats` (quantized variants that failed
+the parity check); a 2.0 file reads as one that left nothing out.
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from chestct.decision import DECISION_RULE
 from chestct.errors import ChestctError
 from chestct.labels import CLASS_NAMES
 from chestct.params import Params, PreprocessParams, ServeParams
 
-SCHEMA_VERSION = "2.0"
+SCHEMA_VERSION = "2.1"
 METADATA_FILE = "metadata.json"
+# Serving limits that exports written before them lack: such an export gets params.yaml's values at the time.
+SERVE_DEFAULTS = {"max_concurrent": 2, "queue_timeout_s": 10.0, "body_timeout_s": 30.0, "max_connections": 64}
 
 
 class MetadataError(ChestctError, ValueError):
@@ -49,6 +52,19 @@ class ArtifactRecord(_Record):
     file: str
     sha256: str
     bytes: int
+
+
+class LeftOutRecord(_Record):
+    """A quantized format the export stage wrote, measured and then removed: why, and the figures it failed on.
+
+    The figures are None when the artifact could not be loaded or run at all (the reason then holds the error).
+    """
+
+    reason: str
+    max_abs_diff: float | None  # max |p - p_keras| over the test images
+    tolerance: float
+    decision_agreement: float | None  # share of test decisions equal to the Keras model's
+    required_agreement: float
 
 
 class EvaluationSettings(_Record):
@@ -80,8 +96,14 @@ class ExportMetadata(_Record):
     evaluation: EvaluationSettings
     params_sha256: str
     artifacts: dict[str, ArtifactRecord]
-    skipped_formats: dict[str, str]
+    skipped_formats: dict[str, str]  # not written: the backbone cannot be saved in that format
+    left_out_formats: dict[str, LeftOutRecord] = {}  # written, failed parity, removed (schema 2.1)
     metrics: dict  # headline figures of the evaluate stage (see _summary), for the model card and /model-info
+
+    @field_validator("serve", mode="before")
+    @classmethod
+    def _serve_limits_of_older_exports(cls, serve: object) -> object:
+        return SERVE_DEFAULTS | serve if isinstance(serve, dict) else serve
 
 
 def library_versions() -> dict[str, str]:
@@ -111,8 +133,10 @@ def _summary(section: dict | None) -> dict | None:
 
 
 def build_metadata(params: Params, threshold: dict, artifacts: dict[str, dict], skipped: dict[str, str],
-                   image_size: int, eval_metrics: dict | None) -> ExportMetadata:
-    """The metadata of one export; `threshold` is models/threshold.json as the evaluate stage wrote it."""
+                   image_size: int, eval_metrics: dict | None,
+                   left_out: dict[str, dict] | None = None) -> ExportMetadata:
+    """The metadata of one export; `threshold` is models/threshold.json as the evaluate stage wrote it and
+    `left_out` the parity reports of the formats removed from the export (chestct.export.parity)."""
     eval_metrics = eval_metrics or {}
     return ExportMetadata(
         schema_version=SCHEMA_VERSION,
@@ -136,6 +160,7 @@ def build_metadata(params: Params, threshold: dict, artifacts: dict[str, dict], 
         params_sha256=params_digest(params),
         artifacts={name: ArtifactRecord.model_validate(record) for name, record in artifacts.items()},
         skipped_formats=skipped,
+        left_out_formats={name: LeftOutRecord.model_validate(report) for name, report in (left_out or {}).items()},
         metrics={name: _summary(eval_metrics.get(name)) for name in ("test", "test_leak_free", "valid")}
         | {"shortcut": eval_metrics.get("shortcut")},
     )

@@ -38,6 +38,20 @@ def _data_section(data: dict) -> str:
             f"{(leaks.get('valid') or {}).get('normal', 'n/a')}.")
 
 
+def _left_out_lines(metadata: ExportMetadata) -> str:
+    """One bullet per quantized format removed from the export, with the reason and the figures measured."""
+    lines = []
+    for name, record in metadata.left_out_formats.items():
+        figures = ""
+        if record.max_abs_diff is not None and record.decision_agreement is not None:
+            figures = (f" Measured on the test split: max |p - p_keras| {record.max_abs_diff:.4g} (limit "
+                       f"{record.tolerance:g}), decision agreement {record.decision_agreement:.4f} (required "
+                       f"{record.required_agreement:.4f}).")
+        lines.append(f"\n- {name} left out: it failed the parity check against the Keras model ({record.reason})."
+                     f"{figures}")
+    return "".join(lines)
+
+
 def _limitations(metadata: ExportMetadata, data: dict) -> list[str]:
     lines = []
     leak_free = metadata.metrics.get("test_leak_free") or {}
@@ -75,6 +89,9 @@ def render_model_card(metadata: ExportMetadata, data_metrics: dict | None) -> st
     formats = "\n".join(f"| {name} | {a.file} | {a.bytes / 1e6:.1f} MB | `{a.sha256[:16]}…` |"
                         for name, a in metadata.artifacts.items())
     skipped = "".join(f"\n- {name} not exported: {why}" for name, why in metadata.skipped_formats.items())
+    skipped += _left_out_lines(metadata)
+    if skipped:
+        skipped = "\n" + skipped  # a blank line ends the table before the list
     preprocess = metadata.preprocess
     steps = ["decode to grayscale"]
     if preprocess.clahe.enabled:

@@ -4,8 +4,13 @@
 
 A fresh process proves the artifact stands alone: nothing of the exporting process (custom objects already
 registered, a model still in memory) can leak into the result. Float formats must match the Keras probabilities
-within `export.float_tolerance`; a quantized one within `export.quantized_tolerance` and with at least
-`export.min_decision_agreement` of the decisions (the decision rule is chestct.decision.decide).
+within `export.float_tolerance` and agree on every decision; a quantized one (the registry's `quantized` flag)
+within `export.quantized_tolerance` and on at least `export.min_decision_agreement` of the decisions (the
+decision rule is chestct.decision.decide).
+
+The check measures every format and returns one report each; `formats_to_leave_out` then decides. A float format
+out of tolerance is a conversion bug and fails the export. A quantized one is an optional variant: it is left out
+of the export, with its figures and the reason, unless `export.require_all` is true.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from chestct.params import ExportParams
 
 
 class ExportParityError(ChestctError, RuntimeError):
-    """An exported format disagrees with the Keras model beyond its tolerance."""
+    """A float format disagrees with the Keras model, a quantized one does under export.require_all, or no format
+    passed at all: nothing is exported."""
 
 
 def run_in_fresh_process(format_name: str, artifact: Path, images_file: Path, latency_runs: int) -> dict:
@@ -46,27 +52,94 @@ def run_in_fresh_process(format_name: str, artifact: Path, images_file: Path, la
             return {"scores": loaded["scores"], "latency_ms": loaded["latency_ms"]}
 
 
+def _limits(format_name: str, params: ExportParams) -> dict:
+    """The tolerance and the required decision agreement of one format, and the params that set them."""
+    if FORMATS[format_name].quantized:
+        return {"quantized": True, "tolerance": params.quantized_tolerance,
+                "tolerance_param": "export.quantized_tolerance",
+                "required_agreement": params.min_decision_agreement,
+                "agreement_param": "export.min_decision_agreement"}
+    return {"quantized": False, "tolerance": params.float_tolerance, "tolerance_param": "export.float_tolerance",
+            "required_agreement": 1.0, "agreement_param": "float formats agree on every decision"}
+
+
 def parity_report(reference: np.ndarray, scores: np.ndarray, threshold: float, format_name: str,
                   params: ExportParams) -> dict:
-    quantized = FORMATS[format_name].quantized
-    tolerance = params.quantized_tolerance if quantized else params.float_tolerance
+    """One format's figures against the Keras probabilities, its limits, `passed`, and when it failed the
+    `reason`: each figure out of its limit, with the param that sets the limit."""
+    limits = _limits(format_name, params)
     max_diff = float(np.max(np.abs(scores - reference))) if len(reference) else 0.0
     agreement = float(np.mean(decide(scores, threshold) == decide(reference, threshold))) if len(reference) else 1.0
-    required_agreement = params.min_decision_agreement if quantized else 1.0
-    return {"max_abs_diff": max_diff, "tolerance": tolerance, "decision_agreement": agreement,
-            "required_agreement": required_agreement,
-            "passed": bool(max_diff <= tolerance and agreement >= required_agreement)}
+    problems = []
+    if not max_diff <= limits["tolerance"]:  # `not <=` also catches NaN probabilities
+        problems.append(f"max |p - p_keras| {max_diff:.4g} > {limits['tolerance']:g} ({limits['tolerance_param']})")
+    if agreement < limits["required_agreement"]:
+        problems.append(f"decision agreement {agreement:.4f} < {limits['required_agreement']:.4f} "
+                        f"({limits['agreement_param']})")
+    report = {"quantized": limits["quantized"], "max_abs_diff": max_diff, "tolerance": limits["tolerance"],
+              "decision_agreement": agreement, "required_agreement": limits["required_agreement"],
+              "passed": not problems}
+    if problems:
+        report["reason"] = "; ".join(problems)
+    return report
 
 
-def check_parity(reports: dict[str, dict]) -> None:
-    """Fail, naming every format out of tolerance."""
-    failures = [f"{name}: max |p - p_keras| = {r['max_abs_diff']:.3g} (tolerance {r['tolerance']:.3g}), "
-                f"decision agreement {r['decision_agreement']:.4f} (required {r['required_agreement']:.4f})"
-                for name, r in reports.items() if not r["passed"]]
-    if failures:
-        raise ExportParityError("exported formats disagree with the Keras model:\n  " + "\n  ".join(failures)
-                                + "\nNothing was exported. Loosen export.*_tolerance only if the difference is "
-                                  "understood.")
+def failed_run_report(format_name: str, params: ExportParams, error: str) -> dict:
+    """The report of an artifact that could not be loaded or run in a fresh process: no figures, the error."""
+    limits = _limits(format_name, params)
+    one_line = " | ".join(line.strip() for line in error.splitlines() if line.strip())  # for the warning line
+    return {"quantized": limits["quantized"], "max_abs_diff": None, "tolerance": limits["tolerance"],
+            "decision_agreement": None, "required_agreement": limits["required_agreement"], "passed": False,
+            "reason": one_line}
+
+
+def measure_format(format_name: str, artifact: Path, images_file: Path, reference: np.ndarray, threshold: float,
+                   params: ExportParams) -> tuple[dict, np.ndarray]:
+    """(parity report, single-image latencies in ms) of one artifact run in a fresh process. An artifact that
+    fails to load or run gives a failed report (no latencies) rather than an exception, so every format is
+    measured before `formats_to_leave_out` decides."""
+    try:
+        run = run_in_fresh_process(format_name, artifact, images_file, params.latency_runs)
+    except ExportParityError as exc:
+        return failed_run_report(format_name, params, str(exc)), np.zeros(0)
+    return parity_report(reference, run["scores"], threshold, format_name, params), run["latency_ms"]
+
+
+def _failure_lines(reports: dict[str, dict]) -> str:
+    return "\n  ".join(f"{name}: {report['reason']}" for name, report in reports.items())
+
+
+def formats_to_leave_out(reports: dict[str, dict], require_all: bool) -> dict[str, dict]:
+    """The quantized formats that failed parity, {name: report}: the export goes on without them.
+
+    Raises ExportParityError, naming the formats and their figures, when a float format failed (a conversion bug,
+    never rounding), when a quantized one failed and `export.require_all` is true, or when no format passed.
+    """
+    failed = {name: report for name, report in reports.items() if not report["passed"]}
+    float_failures = {name: report for name, report in failed.items() if not report["quantized"]}
+    if float_failures:
+        raise ExportParityError(
+            "float formats must give the Keras model's probabilities; these do not:\n  "
+            + _failure_lines(float_failures)
+            + "\nNothing was exported. A float format out of tolerance is a conversion bug, not rounding: loosen "
+              "export.float_tolerance only if the difference is understood.")
+    if failed and require_all:
+        raise ExportParityError(
+            "quantized formats outside their tolerances, and export.require_all is true:\n  " + _failure_lines(failed)
+            + "\nNothing was exported. Set export.require_all: false to export the other formats without them, or "
+              "loosen export.quantized_tolerance / export.min_decision_agreement only if the difference is "
+              "understood.")
+    if len(failed) == len(reports):
+        raise ExportParityError(
+            "no format passed the parity check:\n  " + _failure_lines(failed)
+            + "\nNothing was exported. Add a float format (keras, savedmodel, tflite_float32) to export.formats.")
+    return failed
+
+
+def left_out_warning(format_name: str, report: dict) -> str:
+    """The one line the export stage prints for a format it left out."""
+    return (f"export: warning: {format_name} left out: {report['reason']}; set export.require_all: true to fail "
+            f"instead")
 
 
 def main() -> None:

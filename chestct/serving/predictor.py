@@ -71,6 +71,27 @@ def parse_format_order(text: str | None) -> tuple[str, ...]:
     return names
 
 
+def not_exported_reason(metadata: ExportMetadata, name: str) -> str:
+    """Why an export holds no `name` artifact: left out after failing parity, skipped, or never asked for."""
+    if name in metadata.left_out_formats:
+        return f"left out of this export, it failed the parity check: {metadata.left_out_formats[name].reason}"
+    return metadata.skipped_formats.get(name, "not exported")
+
+
+def formats_to_try(metadata: ExportMetadata, requested: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The formats to load, in order. By default the registry's order less what this export does not hold
+    (skipped or left out at export). An explicit request is kept as given, a fallback chain, but one naming only
+    formats the export does not hold fails saying why each is absent."""
+    if requested is None:
+        return tuple(name for name in FORMAT_ORDER if name in metadata.artifacts) or FORMAT_ORDER
+    if not any(name in metadata.artifacts for name in requested):
+        reasons = "; ".join(f"{name}: {not_exported_reason(metadata, name)}" for name in requested)
+        held = ", ".join(metadata.artifacts) or "no format"
+        raise ModelUnavailableError(f"no requested export format is in this export: {reasons}. It holds {held}: "
+                                    f"ask for one of those with --formats or {FORMATS_ENV}")
+    return requested
+
+
 def load_export_metadata(export_dir: Path) -> ExportMetadata:
     """The export folder's validated metadata; ModelUnavailableError says how to get a usable one."""
     if not (export_dir / METADATA_FILE).is_file():
@@ -93,7 +114,8 @@ class Predictor:
         self.serve_params = self.metadata.serve
         self.threshold = self.metadata.threshold
         self.load_report: list[str] = []  # one line per format tried, in order
-        self._model = self._load_first(formats or parse_format_order(os.environ.get(FORMATS_ENV)))
+        requested = formats or (parse_format_order(os.environ[FORMATS_ENV]) if os.environ.get(FORMATS_ENV) else None)
+        self._model = self._load_first(formats_to_try(self.metadata, requested))
         self.format = self._model.format
         self.sha256 = self.metadata.artifacts[self.format].sha256
         # Keras models and TFLite interpreters are not documented as thread-safe: one prediction at a time.
@@ -105,7 +127,7 @@ class Predictor:
         artifacts = self.metadata.artifacts
         for name in formats:
             if name not in artifacts:
-                reason = self.metadata.skipped_formats.get(name, "not exported")
+                reason = not_exported_reason(self.metadata, name)
                 self._note(name, f"skipped: {reason}")
                 continue
             path = self.export_dir / artifacts[name].file
