@@ -53,6 +53,7 @@ from chestct.external.records import (
 )
 from chestct.external.report import OUTPUT_FILES, gradcam_tiles, write_report
 from chestct.imaging.decode import decode_grayscale
+from chestct.imaging.files import read_image_file, upload_limit_bytes
 from chestct.labels import CLASS_NAMES
 from chestct.params import DEFAULT_PARAMS_FILE, load_params
 from chestct.serving.predictor import Predictor, resolve_export_dir
@@ -110,8 +111,9 @@ def score_contents(predictor, files: Sequence[ExternalFile], digests: dict[str, 
     """Decode and score every distinct content once, in batches; decoding failures are recorded, not raised.
 
     The model input comes from `predictor.prepare` (the pipeline's preprocessing, the export's DICOM window and
-    pixel limit); the intensity features from the decoded grayscale before preprocessing, as the evaluate
-    stage's shortcut audit computes them.
+    pixel limit) on the file's bytes, read within the export's per-file limit (serve.max_upload_mb); the
+    intensity features from the decoded grayscale before preprocessing, as the evaluate stage's shortcut audit
+    computes them.
     """
     result = ScoredContents()
     pending_digests: list[str] = []
@@ -126,13 +128,14 @@ def score_contents(predictor, files: Sequence[ExternalFile], digests: dict[str, 
             pending_images.clear()
 
     seen: set[str] = set()
+    max_bytes = upload_limit_bytes(predictor.serve_params.max_upload_mb)  # the export's limit, as the service's
     for item in tqdm(files, desc="scoring", unit="img", disable=not progress):
         digest = digests.get(item.relative)
         if digest is None or digest in seen:
             continue
         seen.add(digest)
         try:
-            data = item.path.read_bytes()
+            data = read_image_file(item.path, item.relative, max_bytes)  # regular files only, bounded
             image = predictor.prepare(data, item.relative)
             gray = decode_grayscale(data, item.relative, max_pixels=predictor.serve_params.max_pixels,
                                     dicom_window=predictor.serve_params.dicom_window)
