@@ -55,6 +55,7 @@ def _check_params(args: argparse.Namespace) -> None:
 
 
 def _preprocess(args: argparse.Namespace) -> None:
+    from chestct.imaging.files import upload_limit_bytes
     from chestct.imaging.preprocess import preprocess_image
 
     params = load_params(args.params)
@@ -63,16 +64,25 @@ def _preprocess(args: argparse.Namespace) -> None:
     for image_path in args.images:
         try:
             array = preprocess_image(image_path, params.preprocess, max_pixels=params.serve.max_pixels,
-                                     dicom_window=params.serve.dicom_window)
-        except ChestctError as exc:
+                                     dicom_window=params.serve.dicom_window,
+                                     max_bytes=upload_limit_bytes(params.serve.max_upload_mb))
+            target = args.out_dir / f"{Path(image_path).stem}.png"
+            _save_png(array[:, :, 0], target)
+        except ChestctError as exc:  # one bad file does not stop the others
             failures += 1
             print(f"{image_path}: skipped: {exc}", file=sys.stderr)
             continue
-        target = args.out_dir / f"{Path(image_path).stem}.png"
-        Image.fromarray(array[:, :, 0]).save(target)
         print(f"{image_path} -> {target} ({array.shape[0]}x{array.shape[1]} uint8)")
     if failures:
         raise SystemExit(1)
+
+
+def _save_png(array, target: Path) -> None:
+    """Save an output image; a target that cannot be written is a ChestctError naming it (one line, no traceback)."""
+    try:
+        Image.fromarray(array).save(target, format="PNG")
+    except OSError as exc:
+        raise ChestctError(f"cannot write {target} ({exc.strerror or exc}); check the output folder") from None
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
@@ -106,13 +116,13 @@ def _predict(args: argparse.Namespace) -> None:
     for image_path in args.images:
         try:
             prediction = predictor.predict_file(image_path, gradcam=gradcam)
+            if gradcam:
+                target = args.gradcam_dir / f"{Path(image_path).stem}_gradcam.png"
+                _save_png(overlay(prediction.model_input, prediction.heatmap), target)
         except ChestctError as exc:  # one unreadable file does not stop the others
             failures += 1
             print(f"{image_path}: error: {exc}", file=sys.stderr)
             continue
-        if gradcam:
-            target = args.gradcam_dir / f"{Path(image_path).stem}_gradcam.png"
-            Image.fromarray(overlay(prediction.model_input, prediction.heatmap)).save(target)
         if args.json:
             print(json.dumps(prediction.to_dict()))
         else:

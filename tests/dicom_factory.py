@@ -10,8 +10,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 
 def make_ct_dicom(hu: np.ndarray, slope: float = 1.0, intercept: float = -1024.0, photometric: str = "MONOCHROME2",
-                  with_pixels: bool = True) -> bytes:
-    """A single-frame CT Image Storage file whose pixels rescale back to `hu` (stored = round((hu - b) / m))."""
+                  with_pixels: bool = True, padding_hu: float | None = None) -> bytes:
+    """A single-frame CT Image Storage file whose pixels rescale back to `hu` (stored = round((hu - b) / m)).
+    `padding_hu`: the HU value marked as Pixel Padding Value (outside the scanned field)."""
     hu = np.asarray(hu, dtype=np.float64)
     if hu.ndim != 2:
         raise ValueError(f"hu must be 2-D, got shape {hu.shape}")
@@ -44,6 +45,8 @@ def make_ct_dicom(hu: np.ndarray, slope: float = 1.0, intercept: float = -1024.0
     ds.RescaleSlope = slope
     ds.RescaleIntercept = intercept
     ds.RescaleType = "HU"
+    if padding_hu is not None:  # stored like the pixels: its VR (US or SS) follows the pixel representation
+        ds.add_new(0x00280120, "SS" if signed else "US", int(round((padding_hu - intercept) / slope)))
     if with_pixels:
         ds.PixelData = stored.astype(dtype).tobytes()
     buffer = io.BytesIO()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -35,6 +38,41 @@ def test_preprocess_saves_the_model_view_and_reports_bad_files(tmp_path, capsys)
     saved = np.asarray(Image.open(tmp_path / "out" / "scan.png"))
     assert saved.shape == (256, 256) and saved.std() > 5
     assert "broken.png: skipped" in capsys.readouterr().err
+
+
+def bad_inputs(folder: Path) -> dict[Path, str]:
+    """Paths the CLI must refuse one line each, without a traceback or a hang: path -> the reason expected."""
+    lab = folder / "lab.tif"
+    Image.new("LAB", (16, 16), (128, 10, 200)).save(lab)
+    fifo = folder / "pipe.png"
+    os.mkfifo(fifo)
+    loop = folder / "loop.png"
+    loop.symlink_to(loop)
+    return {lab: "TIFF content is not accepted (only PNG, JPEG or DICOM)",
+            fifo: "is a FIFO (named pipe), not a regular file",
+            loop: "too many levels of symbolic links (a symlink loop)",
+            lab / "inner.png": "a part of the path is a file, not a folder",
+            folder / ("n" * 300 + ".png"): "the file name or path is too long"}
+
+
+def assert_one_line_per_bad_file(err: str, bad: dict[Path, str], tag: str) -> None:
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == len(bad)
+    for path, reason in bad.items():
+        assert sum(line.startswith(f"{path}: {tag}: ") and reason in line for line in lines) == 1, (path, err)
+
+
+def test_preprocess_reports_every_bad_path_and_saves_the_good_files(tmp_path, capsys):
+    good = save_image(tmp_path / "scan.png", textured_image(3))
+    bad = bad_inputs(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["preprocess", *map(str, bad), str(good), "--out-dir", str(tmp_path / "out"),
+              "--params", str(PROJECT_ROOT / "params.yaml")])
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    assert_one_line_per_bad_file(captured.err, bad, "skipped")
+    assert captured.out.startswith(f"{good} -> ") and (tmp_path / "out" / "scan.png").is_file()
 
 
 def test_preprocess_of_a_dicom_uses_the_serve_dicom_window_from_params(tmp_path, capsys):
@@ -80,6 +118,24 @@ def test_predict_prints_one_line_per_file_and_reports_bad_ones(tiny_export, tmp_
     assert lines[0].startswith(f"{scans[0]}: ") and lines[1].startswith(f"{scans[1]}: ")
     assert f"{broken}: error:" in captured.err
     assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == ["scan0_gradcam.png", "scan1_gradcam.png"]
+
+
+def test_predict_reports_every_bad_path_in_one_line_and_predicts_the_others(tiny_export, tmp_path, capsys):
+    from tests.serving_support import phantom_images, png_bytes
+
+    bad = bad_inputs(tmp_path)
+    scans = []
+    for index, (_, gray) in enumerate(phantom_images(count=2)):
+        scans.append(tmp_path / f"scan{index}.png")
+        scans[-1].write_bytes(png_bytes(gray))
+    paths = [scans[0], *bad, scans[1]]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", *map(str, paths), "--export-dir", str(tiny_export)])
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    assert_one_line_per_bad_file(captured.err, bad, "error")
+    lines = captured.out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{scans[0]}: ") and lines[1].startswith(f"{scans[1]}: ")
 
 
 def test_predict_json_matches_the_predictor(tiny_export, tmp_path, capsys):

@@ -154,3 +154,68 @@ def test_decoding_a_dicom_without_a_window_is_refused_not_guessed():
 
     with pytest.raises(UnsupportedImageError, match=r"slice\.dcm: DICOM input here needs a Hounsfield window"):
         decode_grayscale(make_ct_dicom(np.zeros((8, 8))), "slice.dcm")
+
+
+@pytest.mark.parametrize("slope", [1e308, -1e308, 1e30, 10.0])
+def test_hounsfield_values_outside_the_sane_range_are_corrupt(slope):
+    # a ramp of stored values that is fine with slope 1 (-1024..976 HU) and implausible with these slopes
+    data = rewrite(make_ct_dicom(np.linspace(-1024, 976, 12).reshape(3, 4)), RescaleSlope=slope)
+    with pytest.raises(CorruptImageError) as info:
+        decode(data, name="bright.dcm")
+    message = str(info.value)
+    assert message.startswith("bright.dcm: Hounsfield values ")
+    assert "outside the sane CT range -2000..4000 HU" in message and f"slope {slope:g}" in message
+    stored = pydicom.dcmread(io.BytesIO(data)).pixel_array
+    low, high = sorted((float(stored.min()) * slope - 1024, float(stored.max()) * slope - 1024))
+    assert f"{low:g}..{high:g}" in message
+
+
+def test_the_sane_range_is_inclusive():
+    data = make_ct_dicom(np.array([[-2000.0, 0.0], [1000.0, 4000.0]]))
+    np.testing.assert_array_equal(decode(data), [[0, 230], [255, 255]])
+    with pytest.raises(CorruptImageError, match=r"-2001\.\.4000 after rescale"):
+        decode(make_ct_dicom(np.array([[-2001.0, 0.0], [1000.0, 4000.0]])))
+
+
+def test_padding_outside_the_scan_is_not_held_to_the_sane_range():
+    # stored -2000 with intercept -1024 is -3024 HU: what several scanners write outside the scanned circle
+    hu = np.array([[-3024.0, -1002.0], [0.0, -3024.0]])
+    data = make_ct_dicom(hu)
+    with pytest.raises(CorruptImageError, match=r"-3024\.\.0 after rescale"):
+        decode(data)
+    padded = make_ct_dicom(hu, padding_hu=-3024.0)
+    assert pydicom.dcmread(io.BytesIO(padded)).PixelPaddingValue == -2000
+    np.testing.assert_array_equal(decode(padded), [[0, 59], [230, 0]])
+    all_padding = make_ct_dicom(np.full((2, 2), -3024.0), padding_hu=-3024.0)
+    with pytest.raises(CorruptImageError, match="every pixel is padding"):
+        decode(all_padding, name="empty.dcm")
+
+
+def test_large_slices_are_windowed_band_by_band_like_the_whole_formula():
+    hu = np.round(np.random.default_rng(4).uniform(-1500, 1500, (1500, 900)))  # more than one band of rows
+    gray = decode(make_ct_dicom(hu, slope=1.0, intercept=-1024.0), max_pixels=2_000_000)
+    low = CENTER - WIDTH / 2
+    whole = np.clip(np.round((hu.astype(np.float32) - np.float32(low)) * np.float32(255 / WIDTH)), 0, 255)
+    np.testing.assert_array_equal(gray, whole.astype(np.uint8))
+
+
+def with_modality_lut(data: bytes, first_stored: int, table: list[int]) -> bytes:
+    """The slice with a Modality LUT (stored value -> HU table) in place of Rescale Slope/Intercept."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    item = pydicom.Dataset()
+    item.add_new(0x00283002, "US", [len(table), first_stored, 16])  # LUT Descriptor
+    item.ModalityLUTType = "HU"
+    item.add_new(0x00283006, "US", table)  # LUT Data
+    ds.ModalityLUTSequence = pydicom.Sequence([item])
+    del ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_a_modality_lut_gives_the_hounsfield_values_and_is_range_checked():
+    data = make_ct_dicom(np.array([[-1024.0, -1023.0], [-1022.0, -1021.0]]))  # stored 0, 1, 2, 3
+    soft_tissue = dicom_to_grayscale(with_modality_lut(data, 0, [0, 50, 100, 150]), "lut.dcm", 75.0, 150.0, 100)
+    np.testing.assert_array_equal(soft_tissue, [[0, 85], [170, 255]])
+    with pytest.raises(CorruptImageError, match=r"^lut\.dcm: Hounsfield values 0\.\.6000 after the modality LUT"):
+        decode(with_modality_lut(data, 0, [0, 500, 1000, 6000]), name="lut.dcm")

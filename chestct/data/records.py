@@ -17,8 +17,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from chestct.errors import ChestctError
-from chestct.imaging.errors import ImageDecodeError
 from chestct.imaging.decode import open_image, to_grayscale
+from chestct.imaging.errors import ImageDecodeError
+from chestct.imaging.files import read_image_file
 from chestct.labels import SPLITS, label_of_subtype, subtype_of_folder
 
 # What each real format is usually called; a mismatch (a JPEG named .png) is reported, never trusted.
@@ -62,7 +63,9 @@ def list_image_files(data_folder: Path) -> list[tuple[str, str, Path]]:
         for class_folder in sorted(p for p in split_folder.iterdir() if p.is_dir()):
             subtype_of_folder(class_folder.name)  # fails early, naming an unknown folder
             for path in sorted(class_folder.iterdir()):
-                if path.is_file() and not path.name.startswith("."):
+                # everything but folders and hidden files: a FIFO, a broken link or a loop is listed, so reading
+                # it reports it as unreadable instead of leaving it out unnoticed
+                if not path.name.startswith(".") and not path.is_dir():
                     entries.append((split, class_folder.name, path))
     if not entries:
         raise DatasetError(f"{data_folder}: no image files found")
@@ -73,14 +76,15 @@ def inspect_image(entry: tuple[str, str, Path], data_folder: Path) -> ImageRecor
     """Hash and decode one file; an unreadable file becomes an UnreadableImage with the reason."""
     split, class_folder, path = entry
     image_id = path.relative_to(data_folder).as_posix()
-    data = path.read_bytes()
     try:
+        data = read_image_file(path, image_id)
         image = open_image(data, image_id)
-        gray = to_grayscale(image)
+        # what the file holds, before to_grayscale applies its EXIF orientation in place
+        width, height, mode, real_format = image.width, image.height, image.mode, image.format or "unknown"
+        gray = to_grayscale(image, image_id)
     except ImageDecodeError as exc:
         return UnreadableImage(image_id, str(exc))
     subtype = subtype_of_folder(class_folder)
-    real_format = image.format or "unknown"
     return ImageRecord(
         id=image_id,
         split=split,
@@ -89,9 +93,9 @@ def inspect_image(entry: tuple[str, str, Path], data_folder: Path) -> ImageRecor
         label=label_of_subtype(subtype),
         sha256=hashlib.sha256(data).hexdigest(),
         phash=str(imagehash.phash(Image.fromarray(gray))),
-        width=image.width,
-        height=image.height,
-        mode=image.mode,
+        width=width,
+        height=height,
+        mode=mode,
         format=real_format,
         extension_matches=path.suffix.lower() in EXTENSIONS_BY_FORMAT.get(real_format, set()),
         file_bytes=len(data),

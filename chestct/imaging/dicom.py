@@ -20,12 +20,15 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
 from chestct.imaging.errors import CorruptImageError, ImageDecodeError, ImageTooLargeError, UnsupportedImageError
-from chestct.imaging.transforms import apply_window
+from chestct.imaging.transforms import apply_window, row_bands
 
 _PREAMBLE = 128
 _MAGIC = b"DICM"
 _GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+# Hounsfield values a CT slice can hold: air is -1000, dense bone about +2000, metal a little more. Pixels DICOM
+# marks as padding (outside the scanned circle, often -2000 or -3024) are not held to it.
+HU_RANGE = (-2000, 4000)
 
 
 def looks_like_dicom(data: bytes) -> bool:
@@ -50,8 +53,54 @@ def _number(ds: Dataset, keyword: str, default: float) -> float:
     return default if value is None or value == "" else float(value)
 
 
+def _padding_range(ds: Dataset) -> tuple[float, float] | None:
+    """The stored values DICOM marks as padding outside the scanned field (Pixel Padding Value, and Range Limit
+    when given, PS3.3 C.7.5.1.1.2), or None."""
+    if ds.get("PixelPaddingValue") is None:
+        return None
+    first = _number(ds, "PixelPaddingValue", 0.0)
+    last = _number(ds, "PixelPaddingRangeLimit", first)
+    return min(first, last), max(first, last)
+
+
+def _value_range(values: np.ndarray, stored: np.ndarray, padding: tuple[float, float] | None
+                 ) -> tuple[float, float] | None:
+    """Smallest and largest of `values` where the stored value is not padding, a band of rows at a time; None when
+    every pixel is padding."""
+    low, high = np.inf, -np.inf
+    for band in row_bands(*values.shape):
+        kept = values[band]
+        if padding is not None:
+            kept = kept[(stored[band] < padding[0]) | (stored[band] > padding[1])]
+        if kept.size:
+            low, high = min(low, float(kept.min())), max(high, float(kept.max()))
+    return (low, high) if low <= high else None
+
+
+def _check_hounsfield(low: float, high: float, name: str, source: str) -> None:
+    """Refuse values no CT scanner produces: a damaged rescale (slope 1e308) would otherwise be windowed into an
+    all-white image that still gets a diagnosis."""
+    if not (HU_RANGE[0] <= low and high <= HU_RANGE[1]):  # also false for NaN
+        raise CorruptImageError(f"{name}: Hounsfield values {low:g}..{high:g} after {source} are outside the sane CT "
+                                f"range {HU_RANGE[0]}..{HU_RANGE[1]} HU; the rescale values or the pixel data are "
+                                "damaged, or this is not a CT slice")
+
+
+def _windowed(stored: np.ndarray, slope: float, intercept: float, center: float, width: float) -> np.ndarray:
+    """HU = stored * slope + intercept, then the window, in float32 one band of rows at a time."""
+    gray = np.empty(stored.shape, np.uint8)
+    for band in row_bands(*stored.shape):
+        hu = stored[band].astype(np.float32)
+        hu *= np.float32(slope)
+        hu += np.float32(intercept)
+        gray[band] = apply_window(hu, center, width)
+    return gray
+
+
 def dicom_to_grayscale(data: bytes, name: str, center: float, width: float, max_pixels: int) -> np.ndarray:
-    """Decode a single-frame grayscale DICOM slice, convert it to HU and apply the window: uint8 (rows, cols)."""
+    """Decode a single-frame grayscale DICOM slice, convert it to HU and apply the window: uint8 (rows, cols).
+
+    Pixels marked as padding aside, every HU value must lie in HU_RANGE (CorruptImageError otherwise)."""
     if width <= 0:
         raise ValueError(f"DICOM window width must be positive, got {width}")
     try:
@@ -78,20 +127,29 @@ def dicom_to_grayscale(data: bytes, name: str, center: float, width: float, max_
         pixels = ds.pixel_array
         if pixels.ndim != 2:
             raise UnsupportedImageError(f"{name}: DICOM pixel data of shape {pixels.shape}; export a single slice")
+        padding = _padding_range(ds)
         if ds.get("ModalityLUTSequence"):
-            hu = apply_modality_lut(pixels, ds).astype(np.float64)
+            hu = apply_modality_lut(pixels, ds)  # the table's output is HU; padding stays defined on stored values
+            found = _value_range(hu, pixels, padding)
+            pixels, slope, intercept, source = hu, 1.0, 0.0, "the modality LUT"
         else:
             # defaults 1/0 when absent (pydicom's apply_modality_lut ignores an intercept without a slope)
             slope, intercept = _number(ds, "RescaleSlope", 1.0), _number(ds, "RescaleIntercept", 0.0)
             if slope == 0 or not (np.isfinite(slope) and np.isfinite(intercept)):
                 raise CorruptImageError(f"{name}: invalid rescale slope/intercept ({slope}, {intercept}); "
                                         "the file is damaged")
-            hu = pixels.astype(np.float64) * slope + intercept
+            source = f"rescale (slope {slope:g}, intercept {intercept:g})"
+            found = _value_range(pixels, pixels, padding)
+        if found is None:
+            raise CorruptImageError(f"{name}: every pixel is padding (Pixel Padding Value); the slice holds no image")
+        # HU is linear in the stored value, so the extremes come from the stored extremes (Python floats: no overflow)
+        low, high = sorted((found[0] * slope + intercept, found[1] * slope + intercept))
+        _check_hounsfield(low, high, name, source)
     except ImageDecodeError:
         raise
     except Exception as exc:  # pydicom raises many types (InvalidDicomError, ValueError, RuntimeError, ...)
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise CorruptImageError(f"{name}: cannot decode the DICOM file ({reason}); it may be truncated, damaged "
                                 "or compressed in a format this server cannot read - export it uncompressed") from None
-    gray = apply_window(hu, center, width)
+    gray = _windowed(pixels, slope, intercept, center, width)
     return 255 - gray if photometric == "MONOCHROME1" else gray

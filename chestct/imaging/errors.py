@@ -14,13 +14,19 @@ class EmptyImageError(ImageDecodeError):
 
 
 class UnsupportedImageError(ImageDecodeError):
-    """Not an image this project reads: not PNG, JPEG or DICOM content (whatever the file name says), or a
-    DICOM kind it does not handle (multi-frame, colour)."""
+    """Not an image this project reads: not PNG, JPEG or DICOM content (whatever the file name says), a pixel mode
+    that has no grayscale, or a DICOM kind it does not handle (multi-frame, colour)."""
 
 
 class CorruptImageError(ImageDecodeError):
-    """The format is recognised but the data cannot be decoded (truncated, damaged, or a DICOM without pixels)."""
+    """The format is recognised but the data cannot be decoded (truncated, damaged, a DICOM without pixels, or
+    Hounsfield values no CT scanner produces)."""
 
 
 class ImageTooLargeError(ImageDecodeError):
-    """The decoded image would exceed the pixel limit (decompression-bomb guard)."""
+    """The file is over the byte limit, or the decoded image would exceed the pixel limit (decompression bomb)."""
+
+
+class UnreadableFileError(ImageDecodeError):
+    """A path that cannot be read as an image file: missing, a folder, not a regular file (FIFO, device, socket),
+    a symlink loop, a name too long, or no permission. Only files on disk raise it, never uploaded bytes."""

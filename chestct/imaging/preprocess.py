@@ -19,6 +19,7 @@ import numpy as np
 
 from chestct.imaging.anatomy import crop_box
 from chestct.imaging.decode import DEFAULT_MAX_PIXELS, decode_grayscale
+from chestct.imaging.files import DEFAULT_MAX_BYTES
 from chestct.imaging.standardise import denoise, equalise_in_mask, masked, percentile_in_mask
 from chestct.imaging.transforms import apply_clahe, apply_window, resize_square
 from chestct.params import DicomWindowParams, PreprocessParams
@@ -72,9 +73,10 @@ def preprocess_gray(gray: np.ndarray, params: PreprocessParams) -> np.ndarray:
 
 def preprocess_image(source: str | Path | bytes, params: PreprocessParams, name: str | None = None,
                      max_pixels: int = DEFAULT_MAX_PIXELS,
-                     dicom_window: DicomWindowParams | None = None) -> np.ndarray:
+                     dicom_window: DicomWindowParams | None = None,
+                     max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
     """Any image file or bytes (PNG, JPEG, DICOM) -> the model's input: uint8 array of shape (S, S, 1)."""
-    gray = decode_grayscale(source, name=name, max_pixels=max_pixels, dicom_window=dicom_window)
+    gray = decode_grayscale(source, name=name, max_pixels=max_pixels, dicom_window=dicom_window, max_bytes=max_bytes)
     return preprocess_gray(gray, params)
 
 
