@@ -164,29 +164,33 @@ def test_hounsfield_values_outside_the_sane_range_are_corrupt(slope):
         decode(data, name="bright.dcm")
     message = str(info.value)
     assert message.startswith("bright.dcm: Hounsfield values ")
-    assert "outside the sane CT range -2000..4000 HU" in message and f"slope {slope:g}" in message
+    assert "outside the sane CT range -3100..4000 HU" in message and f"slope {slope:g}" in message
     stored = pydicom.dcmread(io.BytesIO(data)).pixel_array
     low, high = sorted((float(stored.min()) * slope - 1024, float(stored.max()) * slope - 1024))
     assert f"{low:g}..{high:g}" in message
 
 
 def test_the_sane_range_is_inclusive():
-    data = make_ct_dicom(np.array([[-2000.0, 0.0], [1000.0, 4000.0]]))
+    data = make_ct_dicom(np.array([[-3100.0, 0.0], [1000.0, 4000.0]]))
     np.testing.assert_array_equal(decode(data), [[0, 230], [255, 255]])
-    with pytest.raises(CorruptImageError, match=r"-2001\.\.4000 after rescale"):
-        decode(make_ct_dicom(np.array([[-2001.0, 0.0], [1000.0, 4000.0]])))
+    with pytest.raises(CorruptImageError, match=r"-3101\.\.4000 after rescale"):
+        decode(make_ct_dicom(np.array([[-3101.0, 0.0], [1000.0, 4000.0]])))
+    with pytest.raises(CorruptImageError, match=r"-1024\.\.4001 after rescale"):
+        decode(make_ct_dicom(np.array([[-1024.0, 0.0], [1000.0, 4001.0]])))
 
 
 def test_padding_outside_the_scan_is_not_held_to_the_sane_range():
-    # stored -2000 with intercept -1024 is -3024 HU: what several scanners write outside the scanned circle
+    # stored -2000 with intercept -1024 is -3024 HU: what several scanners write outside the scanned circle.
+    # Unmarked it is within the range's allowance; a fill below the range needs marking as padding.
     hu = np.array([[-3024.0, -1002.0], [0.0, -3024.0]])
-    data = make_ct_dicom(hu)
-    with pytest.raises(CorruptImageError, match=r"-3024\.\.0 after rescale"):
-        decode(data)
-    padded = make_ct_dicom(hu, padding_hu=-3024.0)
-    assert pydicom.dcmread(io.BytesIO(padded)).PixelPaddingValue == -2000
+    np.testing.assert_array_equal(decode(make_ct_dicom(hu)), [[0, 59], [230, 0]])
+    too_low = np.array([[-3500.0, -1002.0], [0.0, -3500.0]])
+    with pytest.raises(CorruptImageError, match=r"-3500\.\.0 after rescale"):
+        decode(make_ct_dicom(too_low))
+    padded = make_ct_dicom(too_low, padding_hu=-3500.0)
+    assert pydicom.dcmread(io.BytesIO(padded)).PixelPaddingValue == -2476
     np.testing.assert_array_equal(decode(padded), [[0, 59], [230, 0]])
-    all_padding = make_ct_dicom(np.full((2, 2), -3024.0), padding_hu=-3024.0)
+    all_padding = make_ct_dicom(np.full((2, 2), -3500.0), padding_hu=-3500.0)
     with pytest.raises(CorruptImageError, match="every pixel is padding"):
         decode(all_padding, name="empty.dcm")
 

@@ -26,9 +26,10 @@ _PREAMBLE = 128
 _MAGIC = b"DICM"
 _GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
-# Hounsfield values a CT slice can hold: air is -1000, dense bone about +2000, metal a little more. Pixels DICOM
-# marks as padding (outside the scanned circle, often -2000 or -3024) are not held to it.
-HU_RANGE = (-2000, 4000)
+# Hounsfield values a CT slice can hold: air is -1000, dense bone about +2000, metal a little more. The lower end
+# leaves room for the fill value many scanners write outside the scanned circle (-2000, -3024 or -3072 HU) without
+# marking it as Pixel Padding Value; pixels DICOM does mark as padding are not held to the range at all.
+HU_RANGE = (-3100, 4000)
 
 
 def looks_like_dicom(data: bytes) -> bool:
