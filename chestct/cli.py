@@ -136,10 +136,11 @@ def _predict(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from chestct.serving.app import create_app  # the web app, only when serving
+    from chestct.serving.app import create_app, uvicorn_limits  # the web app, only when serving
 
     app = create_app(args.export_dir, _format_order(args))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    # Connection limits come from the export's serve params, like the upload and concurrency limits.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", **uvicorn_limits(args.export_dir))
 
 
 def _evaluate_external(args: argparse.Namespace) -> None:

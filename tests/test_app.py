@@ -5,16 +5,41 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from chestct.serving.app import create_app
+from chestct.export.metadata import SERVE_DEFAULTS
+from chestct.serving.app import PredictionSlots, create_app, uvicorn_limits, without_server_paths
+from chestct.serving.predictor import public_path
 from tests.dicom_factory import make_ct_dicom, phantom_to_dicom
 from tests.serving_support import phantom_images, png_bytes
+
+
+def export_copy(export_dir: Path, target: Path, formats: tuple[str, ...] = ("keras",),
+                serve_changes: dict | None = None, drop_serve_keys: tuple[str, ...] = (),
+                schema_version: str | None = None) -> Path:
+    """A new export folder with `export_dir`'s artifacts for `formats` (symlinked) and its metadata edited:
+    serve params changed or removed, another schema version."""
+    metadata = json.loads((export_dir / "metadata.json").read_text())
+    target.mkdir(parents=True)
+    for name in formats:
+        artifact = metadata["artifacts"][name]["file"]
+        (target / artifact).symlink_to(export_dir / artifact)
+    serve = metadata["serve"] | (serve_changes or {})
+    metadata["serve"] = {key: value for key, value in serve.items() if key not in drop_serve_keys}
+    metadata["schema_version"] = schema_version or metadata["schema_version"]
+    (target / "metadata.json").write_text(json.dumps(metadata))
+    return target
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +135,7 @@ def test_dicom_and_png_of_the_same_slice_agree(client):
 @pytest.mark.parametrize(("name", "data", "status", "message"), [
     ("empty.png", b"", 400, "empty.png: the file is empty"),
     ("notes.txt", b"patient notes, not an image", 415, "notes.txt: not a recognised image"),
+    ("tiny.png", b"\x00", 415, "tiny.png: not a recognised image"),  # shorter than any format's signature
     ("cut.png", None, 422, "cut.png: cannot be decoded"),
     ("report.dcm", make_ct_dicom(np.zeros((4, 4)), with_pixels=False), 422, "report.dcm: .*no pixel data"),
 ])
@@ -190,3 +216,144 @@ def test_streamed_request_without_length_is_cut_off_at_the_limit(client, limits)
     response = client.post("/predict", content=chunks(),
                            headers={"content-type": "multipart/form-data; boundary=abc"})
     assert response.status_code == 413 and "larger than" in response.json()["detail"]
+
+
+# --- bounded concurrency ----------------------------------------------------------------------------------------
+
+
+class SlowModel:
+    """The loaded predictor's `predict`, held at a gate until released, counting the calls running at once."""
+
+    def __init__(self, predict):
+        self._predict, self._lock = predict, threading.Lock()
+        self.gate, self.entered = threading.Event(), threading.Semaphore(0)
+        self.running = self.most = 0
+
+    def __call__(self, sources, gradcam=False):
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        self.entered.release()
+        self.gate.wait(timeout=60)
+        try:
+            return self._predict(sources, gradcam)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    def wait_entered(self, count: int) -> None:
+        for _ in range(count):
+            assert self.entered.acquire(timeout=30), "the request never reached the model"
+
+
+@pytest.fixture()
+def slow_model(client, monkeypatch):
+    """Sets the slots with `slow_model.slots(count, wait_s)`; every prediction waits for `slow_model.gate`."""
+    predictor, original_slots = client.app.state.predictor, client.app.state.slots
+    model = SlowModel(predictor.predict)
+    monkeypatch.setattr(predictor, "predict", model)
+    model.slots = lambda count, wait_s: setattr(client.app.state, "slots", PredictionSlots(count, wait_s))
+    yield model
+    model.gate.set()
+    client.app.state.slots = original_slots
+
+
+def test_a_request_beyond_the_slots_gets_503_with_retry_after(client, scan, slow_model):
+    slow_model.slots(1, 0)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(post, client, [("first.png", scan, "image/png")])
+        slow_model.wait_entered(1)
+        busy = post(client, [("second.png", scan, "image/png")])
+        slow_model.gate.set()
+        assert first.result().status_code == 200
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+    assert re.search(r"busy.*serve\.max_concurrent.*serve\.queue_timeout_s", busy.json()["detail"])
+    assert slow_model.most == 1
+
+
+def test_requests_beyond_the_slots_wait_for_one_and_never_run_more_at_once(client, scan, slow_model):
+    slow_model.slots(2, 60)
+    with ThreadPoolExecutor(4) as pool:
+        answers = [pool.submit(post, client, [(f"{index}.png", scan, "image/png")]) for index in range(4)]
+        slow_model.wait_entered(2)
+        time.sleep(0.5)  # the other two are queued, not running
+        assert slow_model.running == 2 and not any(answer.done() for answer in answers)
+        slow_model.gate.set()
+        assert [answer.result().status_code for answer in answers] == [200] * 4
+    assert slow_model.most == 2
+
+
+# --- no server paths in answers ---------------------------------------------------------------------------------
+
+
+def test_public_names_of_server_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert public_path(tmp_path / "models" / "export") == "models/export"
+    assert public_path("models/export") == "models/export"
+    assert public_path(tmp_path.parent / "elsewhere" / "my-export") == "my-export"
+    message = f"{tmp_path}/models/export/model.keras: bad; see {tmp_path}/logs"
+    assert without_server_paths(message, Path("models/export")) == "models/export/model.keras: bad; see logs"
+
+
+def test_no_answer_names_a_server_path(tiny_export, tmp_path, tmp_path_factory, scan, project_root):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "metadata.json").write_text("{not json")
+    states = {"loaded": tiny_export, "no export": tmp_path / "nothing-here", "unreadable metadata": broken,
+              "nothing loadable": export_copy(tiny_export, tmp_path / "unloadable", formats=())}
+    server_paths = {str(tiny_export.resolve()), str(tmp_path_factory.getbasetemp().resolve()), str(project_root),
+                    tempfile.gettempdir() + os.sep}
+    for state, folder in states.items():
+        with TestClient(create_app(folder), raise_server_exceptions=False) as client:
+            answers = [client.get(path) for path in ("/", "/health", "/model-info", "/openapi.json", "/docs",
+                                                     "/static/app.js", "/no-such-page")]
+            answers += [post(client, [("scan.png", scan, "image/png")]),
+                        post(client, [("bad.png", b"\x89PNG damaged", "image/png")]),
+                        client.post("/predict", json={"files": "x"}), client.get("/model-info?x=" + "y" * 9)]
+            for answer in answers:
+                assert answer.status_code < 500 or (state != "loaded" and answer.status_code == 503), state
+                leaked = [path for path in server_paths if path in answer.text]
+                assert not leaked, f"{state}: {answer.request.url.path} answered with {leaked}"
+            if state == "loaded":
+                info = client.get("/model-info").json()
+                artifact = json.loads((folder / "metadata.json").read_text())["artifacts"]["keras"]["file"]
+                assert info["export_dir"] == folder.name  # outside the working directory: the folder's name
+                assert info["load_report"] == [f"keras: loaded {folder.name}/{artifact}"]
+            else:
+                assert folder.name in client.get("/health").json()["detail"]
+
+
+# --- exports older than the newer limits ------------------------------------------------------------------------
+
+
+def test_the_serve_defaults_for_older_exports_are_params_yaml_values(default_params):
+    assert {key: getattr(default_params.serve, key) for key in SERVE_DEFAULTS} == SERVE_DEFAULTS
+
+
+def test_an_export_without_the_newer_serve_limits_loads_with_the_defaults(tiny_export, tmp_path, default_params):
+    old = export_copy(tiny_export, tmp_path / "old", drop_serve_keys=tuple(SERVE_DEFAULTS), schema_version="2.0")
+    assert not set(SERVE_DEFAULTS) & set(json.loads((old / "metadata.json").read_text())["serve"])
+    with TestClient(create_app(old, ("keras",))) as client:
+        limits = client.get("/model-info").json()["limits"]
+        assert {key: limits[key] for key in SERVE_DEFAULTS} == SERVE_DEFAULTS
+        assert client.app.state.slots.count == default_params.serve.max_concurrent
+    assert uvicorn_limits(old)["limit_concurrency"] == default_params.serve.max_connections
+
+
+def test_uvicorn_limits_come_from_the_export(tiny_export, tmp_path):
+    tight = export_copy(tiny_export, tmp_path / "tight", serve_changes={"max_connections": 7})
+    assert uvicorn_limits(tight) == {"limit_concurrency": 7, "timeout_keep_alive": 5}
+    assert uvicorn_limits(tmp_path / "nothing-here")["limit_concurrency"] == SERVE_DEFAULTS["max_connections"]
+
+
+def test_chestct_serve_passes_the_connection_limits_to_uvicorn(tiny_export, tmp_path, monkeypatch):
+    import uvicorn
+
+    from chestct.cli import main
+
+    tight = export_copy(tiny_export, tmp_path / "tight", serve_changes={"max_connections": 9})
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: calls.append(options))
+    main(["serve", "--export-dir", str(tight), "--port", "8123"])
+    (options,) = calls
+    assert options["limit_concurrency"] == 9 and options["timeout_keep_alive"] == 5 and options["port"] == 8123

@@ -59,6 +59,16 @@ def resolve_export_dir(export_dir: str | Path | None = None) -> Path:
     return Path(export_dir or os.environ.get(EXPORT_DIR_ENV) or DEFAULT_EXPORT_DIR)
 
 
+def public_path(path: str | Path) -> str:
+    """How the service names a server folder in its answers: relative to the working directory when under it
+    (`models/export`), else the folder's name alone, so no HTTP answer reveals the server's layout."""
+    absolute = Path(path).resolve()
+    try:
+        return str(absolute.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return absolute.name
+
+
 def parse_format_order(text: str | None) -> tuple[str, ...]:
     """'savedmodel,keras' -> ('savedmodel', 'keras'); None or '' -> the default order."""
     if not text:
@@ -211,7 +221,7 @@ class Predictor:
 
     def info(self) -> dict:
         """What the service shows about its model."""
-        return {"format": self.format, "sha256": self.sha256, "export_dir": str(self.export_dir),
+        return {"format": self.format, "sha256": self.sha256, "export_dir": public_path(self.export_dir),
                 "backbone": self.metadata.backbone, "weights": self.metadata.weights,
                 "threshold": self.threshold, "threshold_method": self.metadata.threshold_method,
                 "threshold_chosen_on": self.metadata.threshold_chosen_on,
