@@ -23,7 +23,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import anyio
 import numpy as np
@@ -51,7 +51,7 @@ from chestct.serving.predictor import (
     public_path,
     resolve_export_dir,
 )
-from chestct.serving.uploads import FIELD, UploadError, read_uploads
+from chestct.serving.uploads import FIELD, UploadError, read_files, received_uploads
 
 log = logging.getLogger("chestct.serving.app")
 STATIC = Path(__file__).parent / "static"
@@ -138,8 +138,8 @@ def _result(prediction: Prediction) -> dict:
     return result
 
 
-def _predict_results(predictor: Predictor, files: list[tuple[str, bytes]], gradcam: bool) -> list[dict]:
-    return [_result(prediction) for prediction in predictor.predict(files, gradcam)]
+def _predict_results(predictor: Predictor, uploads: list[tuple[str, BinaryIO]], gradcam: bool) -> list[dict]:
+    return [_result(prediction) for prediction in predictor.predict(read_files(uploads), gradcam)]
 
 
 def without_server_paths(value: Any, export_dir: Path) -> Any:
@@ -264,11 +264,11 @@ def create_app(export_dir: str | Path | None = None, formats: tuple[str, ...] | 
     async def predict(request: Request, gradcam: bool = Query(False, description="add a Grad-CAM overlay PNG")):
         predictor = predictor_or_503(request)
         try:
-            files = await read_uploads(request, predictor.serve_params)
-            # Decoding (one image after another) and the model run in a worker thread, so the event loop keeps
-            # answering /health, and inside a slot, so memory stays bounded however many requests arrive.
-            async with request.app.state.slots.hold():
-                results = await run_in_threadpool(_predict_results, predictor, files, gradcam)
+            # Reading the files, decoding them (one after another) and the model run in a worker thread, so the
+            # event loop keeps answering /health, and inside a slot, so memory stays bounded however many requests
+            # arrive (a request waiting for a slot keeps its files in starlette's spooled temporary files).
+            async with received_uploads(request, predictor.serve_params) as uploads, request.app.state.slots.hold():
+                results = await run_in_threadpool(_predict_results, predictor, uploads, gradcam)
         except ClientDisconnect:
             client = request.client.host if request.client else "a client"
             log.info("chestct: %s disconnected before its upload was complete; request dropped", client)

@@ -10,8 +10,10 @@ A client that disconnects mid-upload surfaces as starlette's ClientDisconnect, w
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import anyio
 from starlette.datastructures import UploadFile
@@ -94,9 +96,13 @@ async def _received(request: Request, limit: int, limits: ServeParams) -> AsyncG
         await chunks.aclose()
 
 
-async def read_uploads(request: Request, limits: ServeParams) -> list[tuple[str, bytes]]:
-    """(filename, bytes) for each file in the multipart field `files`; UploadError otherwise, ClientDisconnect
-    when the client goes away before its body is complete."""
+@asynccontextmanager
+async def received_uploads(request: Request, limits: ServeParams) -> AsyncIterator[list[tuple[str, BinaryIO]]]:
+    """(filename, file) for each file in the multipart field `files`, open while the context lasts; UploadError
+    otherwise, ClientDisconnect when the client goes away before its body is complete.
+
+    The files are starlette's spooled temporary files (on disk beyond 1 MB): a request waiting for a prediction
+    slot holds its upload there, not in memory; `read_files` reads them inside the slot."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise UploadError(415, f"expected multipart/form-data with the image(s) in the field '{FIELD}', got "
@@ -128,7 +134,12 @@ async def read_uploads(request: Request, limits: ServeParams) -> list[tuple[str,
             if upload.size is not None and upload.size > per_file:
                 raise UploadError(413, f"{name}: {upload.size / 1e6:.1f} MB is over the limit of "
                                        f"{_megabytes(limits.max_upload_mb)} per file (serve.max_upload_mb)")
-            files.append((name, await upload.read()))
-        return files
+            files.append((name, upload.file))
+        yield files
     finally:
         await form.close()
+
+
+def read_files(uploads: list[tuple[str, BinaryIO]]) -> list[tuple[str, bytes]]:
+    """The uploads' bytes (blocking reads: call it from a worker thread)."""
+    return [(name, file.read()) for name, file in uploads]
