@@ -48,8 +48,11 @@ def _format_guess(data: bytes) -> str | None:
     prefix = data[:16]  # what Image.open hands each format's check
     for name in Image.ID:
         accept = Image.OPEN[name][1]
-        if accept is not None and accept(prefix):
-            return name
+        try:
+            if accept is not None and accept(prefix):
+                return name
+        except Exception:  # some plugins' checks raise on a few bytes (struct.error): not that format
+            continue
     return None
 
 

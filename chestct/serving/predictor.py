@@ -22,6 +22,7 @@ from chestct.decision import decide
 from chestct.errors import ChestctError
 from chestct.export.formats import FORMAT_ORDER, FORMATS, ExportedModelError, LoadedExport, open_exported
 from chestct.export.metadata import METADATA_FILE, ExportMetadata, MetadataError, read_metadata
+from chestct.imaging.files import upload_limit_bytes
 from chestct.imaging.preprocess import preprocess_image
 from chestct.labels import CLASS_NAMES
 
@@ -179,7 +180,8 @@ class Predictor:
     def prepare(self, source: bytes | str | Path, name: str | None = None) -> np.ndarray:
         """The model's input for one file or its bytes: uint8 (S, S, 1), exactly as the pipeline caches it."""
         return preprocess_image(source, self.preprocess_params, name=name, max_pixels=self.serve_params.max_pixels,
-                                dicom_window=self.serve_params.dicom_window)
+                                dicom_window=self.serve_params.dicom_window,
+                                max_bytes=upload_limit_bytes(self.serve_params.max_upload_mb))
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Cancer probabilities (N,) for prepared images (N, S, S, 1) uint8."""
