@@ -136,7 +136,8 @@ def _predict(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from chestct.serving.app import create_app, uvicorn_limits  # the web app, only when serving
+    from chestct.serving.app import create_app  # the web app, only when serving
+    from chestct.serving.limits import uvicorn_limits
 
     app = create_app(args.export_dir, _format_order(args))
     # Connection limits come from the export's serve params, like the upload and concurrency limits.

@@ -19,7 +19,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from chestct.export.metadata import SERVE_DEFAULTS
-from chestct.serving.app import PredictionSlots, create_app, uvicorn_limits, without_server_paths
+from chestct.serving.app import create_app, without_server_paths
+from chestct.serving.limits import PredictionSlots, uvicorn_limits
 from chestct.serving.predictor import public_path
 from tests.dicom_factory import make_ct_dicom, phantom_to_dicom
 from tests.serving_support import phantom_images, png_bytes

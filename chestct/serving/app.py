@@ -9,8 +9,9 @@ file and the problem; they never reach the model.
 
 Limits (the export's serve params): decoding and prediction run in at most serve.max_concurrent requests at once,
 each decoding its images one at a time, so memory stays bounded whatever arrives; a request waits up to
-serve.queue_timeout_s for a slot, then gets 503 with Retry-After. Bodies are bounded in size and time (uploads.py).
-No answer names a server path: the export folder appears by its relative or own name, the full path is logged.
+serve.queue_timeout_s for a slot, then gets 503 with Retry-After (limits.py). Bodies are bounded in size and time
+(uploads.py). The answers' shapes are declared in schema.py. No answer names a server path: the export folder
+appears by its relative or own name, the full path is logged.
 """
 
 from __future__ import annotations
@@ -18,24 +19,19 @@ from __future__ import annotations
 import base64
 import io
 import logging
-import math
 import os
-from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO
 
-import anyio
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from chestct.export.metadata import SERVE_DEFAULTS
 from chestct.imaging.errors import (
     CorruptImageError,
     EmptyImageError,
@@ -43,19 +39,13 @@ from chestct.imaging.errors import (
     ImageTooLargeError,
     UnsupportedImageError,
 )
-from chestct.serving.predictor import (
-    ModelUnavailableError,
-    Prediction,
-    Predictor,
-    load_export_metadata,
-    public_path,
-    resolve_export_dir,
-)
-from chestct.serving.uploads import FIELD, UploadError, read_files, received_uploads
+from chestct.serving.limits import PredictionSlots, ServerBusyError
+from chestct.serving.predictor import ModelUnavailableError, Prediction, Predictor, public_path, resolve_export_dir
+from chestct.serving.schema import PREDICT_ERRORS, UNAVAILABLE, UPLOAD_BODY, PredictResponse
+from chestct.serving.uploads import UploadError, read_files, received_uploads
 
 log = logging.getLogger("chestct.serving.app")
 STATIC = Path(__file__).parent / "static"
-KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this long (uvicorn's default, set explicitly)
 
 # Which 4xx each kind of unreadable image gets.
 DECODE_STATUS = {EmptyImageError: 400, UnsupportedImageError: 415, CorruptImageError: 422, ImageTooLargeError: 413}
@@ -63,57 +53,6 @@ DECODE_STATUS = {EmptyImageError: 400, UnsupportedImageError: 415, CorruptImageE
 
 def _decode_status(error: ImageDecodeError) -> int:
     return next((status for kind, status in DECODE_STATUS.items() if isinstance(error, kind)), 400)
-
-
-# --- the API's schema: what /openapi.json promises (schemathesis checks the answers against it) --------------
-
-
-class Problem(BaseModel):
-    detail: str
-
-
-class ValidationProblem(BaseModel):
-    detail: str | list[dict[str, Any]]  # a damaged image (a message), or FastAPI's list for a bad query parameter
-
-
-class ModelRef(BaseModel):
-    format: str
-    sha256: str
-
-
-class PredictionResult(BaseModel):
-    filename: str
-    diagnosis: Literal["Normal", "Cancer"]
-    cancer_probability: float
-    confidence: float
-    threshold: float
-    model: ModelRef
-    input_png: str  # data:image/png;base64 URL of what the model saw
-    gradcam_png: str | None  # the Grad-CAM overlay, when asked for and the format allows it
-
-
-class PredictResponse(BaseModel):
-    results: list[PredictionResult]
-
-
-RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying when the server is busy",
-                               "schema": {"type": "integer"}}}
-UNAVAILABLE = {503: {"model": Problem, "headers": RETRY_AFTER,
-                     "description": "no model is loaded (the detail says how to make one), or every prediction "
-                                    "slot stayed busy for serve.queue_timeout_s (Retry-After says when to retry)"}}
-PREDICT_ERRORS = {
-    400: {"model": Problem, "description": "empty file, wrong field name or unreadable multipart body"},
-    408: {"model": Problem, "description": "the body stalled or trickled (serve.body_timeout_s)"},
-    413: {"model": Problem, "description": "over serve.max_upload_mb, serve.max_files or serve.max_pixels"},
-    415: {"model": Problem, "description": "not multipart/form-data, or a file that is not PNG, JPEG or DICOM"},
-    422: {"model": ValidationProblem, "description": "a damaged image, DICOM without usable pixels, or a bad "
-                                                     "query parameter"},
-} | UNAVAILABLE
-# /predict reads its multipart body itself (to count and time it): its request body is declared here.
-UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": [FIELD],
-    "properties": {FIELD: {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
-                           "description": "the scans (PNG, JPEG or DICOM), at most serve.max_files"}}}}}}}
 
 
 # --- answers --------------------------------------------------------------------------------------------------
@@ -158,57 +97,6 @@ def without_server_paths(value: Any, export_dir: Path) -> Any:
     for server_path in sorted(replacements, key=len, reverse=True):  # the longest first: the folder, then cwd
         value = value.replace(server_path, replacements[server_path])
     return value
-
-
-# --- limits ---------------------------------------------------------------------------------------------------
-
-
-class ServerBusyError(Exception):
-    def __init__(self, slots: PredictionSlots):
-        self.retry_after_s = max(1, math.ceil(slots.wait_s))
-        super().__init__(
-            f"the server is busy: all {slots.count} prediction slots (serve.max_concurrent) stayed taken for "
-            f"{slots.wait_s:g} s (serve.queue_timeout_s); retry after {self.retry_after_s} s")
-
-
-class PredictionSlots:
-    """At most `count` requests decode and predict at once; another waits up to `wait_s` for a slot, first come
-    first served, then ServerBusyError."""
-
-    def __init__(self, count: int, wait_s: float):
-        self.count, self.wait_s = count, wait_s
-        self._semaphore = anyio.Semaphore(count)
-
-    async def _acquired(self) -> bool:
-        try:
-            self._semaphore.acquire_nowait()  # a free slot is taken even when wait_s is 0
-            return True
-        except anyio.WouldBlock:
-            pass
-        with anyio.move_on_after(self.wait_s):
-            await self._semaphore.acquire()
-            return True
-        return False
-
-    @asynccontextmanager
-    async def hold(self) -> AsyncIterator[None]:
-        if not await self._acquired():
-            raise ServerBusyError(self)
-        try:
-            yield
-        finally:
-            self._semaphore.release()
-
-
-def uvicorn_limits(export_dir: str | Path | None = None) -> dict:
-    """uvicorn's connection options from the export's serve params (what `chestct serve` passes): at most
-    serve.max_connections open connections (uvicorn answers 503 beyond), idle keep-alive closed after
-    KEEP_ALIVE_S. Without a readable export the service only answers 503s: the defaults then apply."""
-    try:
-        max_connections = load_export_metadata(resolve_export_dir(export_dir)).serve.max_connections
-    except ModelUnavailableError:
-        max_connections = SERVE_DEFAULTS["max_connections"]
-    return {"limit_concurrency": max_connections, "timeout_keep_alive": KEEP_ALIVE_S}
 
 
 # --- the app --------------------------------------------------------------------------------------------------
