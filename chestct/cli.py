@@ -2,8 +2,8 @@
 
     chestct check-params [--params params.yaml]          validate params.yaml and print every resolved value
     chestct preprocess IMAGE... --out-dir DIR [--params]  run THE preprocessing on files, save what the model sees
-    chestct predict IMAGE... [--json] [--gradcam-dir DIR] diagnose files with the exported model
-    chestct serve [--host --port]                        start the web service (page + JSON API)
+    chestct predict IMAGE|DIR... [--json] [--gradcam-dir DIR] [--csv F]  diagnose files (folders: recursively)
+    chestct serve [--host --port] [--artifact chestct@prod]  start the web service (page + JSON API)
     chestct evaluate-external DIR --label-map F=L ...     score a labelled folder of scans, write a report
 """
 
@@ -86,8 +86,15 @@ def _save_png(array, target: Path) -> None:
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--export-dir", type=Path, default=None,
-                        help="export folder (default: $CHESTCT_EXPORT_DIR or models/export)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--export-dir", type=Path, default=None,
+                       help="export folder (default: $CHESTCT_EXPORT_DIR or models/export)")
+    which.add_argument("--artifact", default=None, metavar="NAME@VERSION|NAME#STAGE",
+                       help="use a registered model instead of an export folder, e.g. chestct@prod or "
+                            "chestct@v1.0.0: fetched from the registry (GTO tags + DVC remote) into a cache folder "
+                            "($CHESTCT_ARTIFACT_CACHE, default ~/.cache/chestct/artifacts)")
+    parser.add_argument("--artifact-repo", default=".", metavar="REPO",
+                        help="git repository (path or URL) holding the registry tags (default: this folder)")
     parser.add_argument("--formats", default=None,
                         help="format order to try, comma-separated (default: $CHESTCT_FORMATS or "
                              f"{','.join(FORMAT_ORDER)})")
@@ -100,20 +107,38 @@ def _format_order(args: argparse.Namespace) -> tuple[str, ...] | None:
     return parse_format_order(args.formats) if args.formats else None
 
 
+def _export_dir(args: argparse.Namespace) -> Path | None:
+    """--export-dir, or the folder --artifact was fetched into; None: the Predictor's default."""
+    if args.artifact is None:
+        return args.export_dir
+    from chestct.registry import fetch_artifact
+
+    folder = fetch_artifact(args.artifact, args.artifact_repo)
+    print(f"chestct {args.command}: {args.artifact} from {args.artifact_repo} -> {folder}", file=sys.stderr)
+    return folder
+
+
 def _predict(args: argparse.Namespace) -> None:
+    if args.csv is not None:
+        _predict_to_csv(args)
+        return
     from chestct.evaluation.gradcam import overlay
+    from chestct.external.batch import list_inputs
     from chestct.serving.predictor import Predictor
 
     logging.basicConfig(level=logging.WARNING, format="chestct predict: %(message)s")
-    predictor = Predictor(args.export_dir, _format_order(args))
+    inputs = list_inputs(args.images)
+    predictor = Predictor(_export_dir(args), _format_order(args))
     gradcam = args.gradcam_dir is not None and predictor.gradcam_available
     if args.gradcam_dir is not None:
         if not gradcam:
             print(f"chestct predict: no Grad-CAM for the {predictor.format} format; --gradcam-dir ignored",
                   file=sys.stderr)
         args.gradcam_dir.mkdir(parents=True, exist_ok=True)
-    failures = 0
-    for image_path in args.images:
+    failures = len(inputs.skipped)
+    for path, reason in inputs.skipped:
+        print(f"{path}: skipped: {reason}", file=sys.stderr)
+    for image_path in inputs.files:
         try:
             prediction = predictor.predict_file(image_path, gradcam=gradcam)
             if gradcam:
@@ -133,15 +158,40 @@ def _predict(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def _predict_to_csv(args: argparse.Namespace) -> None:
+    """Every file under the folders (and every file) given, scored in batches into one CSV row each."""
+    from chestct.external.batch import check_csv_target, list_inputs, score_inputs, write_predictions_csv
+    from chestct.serving.predictor import Predictor
+
+    if args.json or args.gradcam_dir is not None:
+        raise ChestctError("--csv writes every result to the CSV: drop --json and --gradcam-dir (for Grad-CAM "
+                           "overlays, run chestct predict on the files of interest without --csv)")
+    logging.basicConfig(level=logging.WARNING, format="chestct predict: %(message)s")
+    check_csv_target(args.csv)  # refused before the listing and the model load
+    if args.batch_size < 1:
+        raise ChestctError(f"--batch-size must be at least 1, got {args.batch_size}")
+    inputs = list_inputs(args.images)
+    predictor = Predictor(_export_dir(args), _format_order(args))
+    rows = score_inputs(predictor, inputs, args.batch_size)
+    write_predictions_csv(args.csv, rows)
+    errors = sum(1 for row in rows if row["error"])
+    hidden = f"; {inputs.hidden} hidden entries (dotfiles) not read" if inputs.hidden else ""
+    print(f"chestct predict: {len(rows) - errors} files scored, {errors} not (the reason is in the error column)"
+          f"{hidden} -> {args.csv}")
+    if errors == len(rows):
+        raise SystemExit(1)  # nothing scored: the CSV holds only errors (or no rows at all)
+
+
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from chestct.serving.app import create_app  # the web app, only when serving
     from chestct.serving.limits import uvicorn_limits
 
-    app = create_app(args.export_dir, _format_order(args))
+    export_dir = _export_dir(args)
+    app = create_app(export_dir, _format_order(args))
     # Connection limits come from the export's serve params, like the upload and concurrency limits.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", **uvicorn_limits(args.export_dir))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", **uvicorn_limits(export_dir))
 
 
 def _evaluate_external(args: argparse.Namespace) -> None:
@@ -149,7 +199,7 @@ def _evaluate_external(args: argparse.Namespace) -> None:
     from chestct.external.validation import evaluate_external
 
     logging.basicConfig(level=logging.WARNING, format="chestct evaluate-external: %(message)s")
-    result = evaluate_external(args.data_dir, args.label_map, export_dir=args.export_dir, formats=_format_order(args),
+    result = evaluate_external(args.data_dir, args.label_map, export_dir=_export_dir(args), formats=_format_order(args),
                                out_dir=args.out, dedup=args.dedup, params_path=args.params,
                                resamples=args.resamples, level=args.level, seed=args.seed,
                                batch_size=args.batch_size)
@@ -171,9 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     preprocess.set_defaults(run=_preprocess)
 
     predict = commands.add_parser("predict", help="diagnose image files (PNG, JPEG, DICOM) with the exported model")
-    predict.add_argument("images", nargs="+", type=Path)
+    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE|DIR",
+                         help="image files, and folders to score every regular file under (recursively)")
     predict.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
     predict.add_argument("--gradcam-dir", type=Path, default=None, help="also save Grad-CAM overlays here")
+    predict.add_argument("--csv", type=Path, default=None, metavar="FILE",
+                         help="write one row per file (file, probability, diagnosis, threshold, model_format, "
+                              "model_sha256, error) here instead of printing, with a progress bar; unreadable "
+                              "files get their reason; exit status 1 only when no file could be scored")
+    predict.add_argument("--batch-size", type=int, default=32, help="images per model call with --csv (default 32)")
     _model_options(predict)
     predict.set_defaults(run=_predict)
 

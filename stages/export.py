@@ -1,4 +1,5 @@
-"""export stage: every format from models/phase2.keras, parity-checked in fresh processes, metadata, model card.
+"""export stage: every format from models/phase2.keras, parity-checked in fresh processes, metadata, model card,
+and metrics/summary.json (the run's headline figures, chestct.export.summary).
 
 A float format out of tolerance fails the stage; a quantized one is left out (its file removed, its figures and
 the reason in metrics/export.json, metadata.json and the model card) unless export.require_all is true.
@@ -16,6 +17,8 @@ import numpy as np
 from chestct.atomic_io import atomic_path, write_json
 from chestct.export.formats import artifact_bytes, planned_formats, remove_artifact, write_artifacts
 from chestct.export.parity import formats_to_leave_out, left_out_warning, measure_format, run_in_fresh_process
+from chestct.export.provenance import export_source
+from chestct.export.summary import build_summary
 from chestct.export.writer import write_metadata_files
 from chestct.imaging.processed import load_split
 from chestct.params import load_params
@@ -28,8 +31,10 @@ THRESHOLD = Path("models/threshold.json")
 TEST = Path("data/processed/test.npz")
 EVAL_METRICS = Path("metrics/eval.json")
 DATA_METRICS = Path("metrics/data.json")
+PHASE_METRICS = {phase: Path(f"metrics/train_{phase}.json") for phase in ("phase1", "phase2")}
 EXPORT = Path("models/export")
 METRICS = Path("metrics/export.json")
+SUMMARY = Path("metrics/summary.json")
 # Wall-clock latencies differ from run to run: kept out of metrics/, whose files reruns must reproduce exactly.
 LATENCY = Path("reports/export_latency.json")
 
@@ -94,9 +99,11 @@ def main() -> None:
             latency.pop(name, None)
             print(left_out_warning(name, report), file=sys.stderr, flush=True)
         write_metadata_files(folder, params, threshold, paths, skipped, test.image_size, _read_json(EVAL_METRICS),
-                             _read_json(DATA_METRICS), left_out)
-    write_json(METRICS, {"test_images": len(test), "formats": {name: reports[name] for name in paths},
-                         "left_out": left_out, "skipped": skipped, "precision": precision})
+                             _read_json(DATA_METRICS), left_out, source=export_source())
+    report = {"test_images": len(test), "formats": {name: reports[name] for name in paths},
+              "left_out": left_out, "skipped": skipped, "precision": precision}
+    write_json(METRICS, report)
+    write_json(SUMMARY, build_summary(_read_json(EVAL_METRICS), *map(_read_json, PHASE_METRICS.values()), report))
     write_json(LATENCY, {"single_image_runs": params.export.latency_runs, "formats": latency})
     print(f"export: {len(paths)} formats -> {EXPORT} ({', '.join(paths)}); parity checked on {len(test)} test "
           f"images" + (f"; left out: {', '.join(left_out)}" if left_out else ""))

@@ -186,3 +186,95 @@ def test_serve_starts_the_service(tiny_export):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+# --- chestct predict DIR --csv: a folder scored in batches ------------------------------------------------------
+
+
+def _scan_folder(root: Path) -> dict[str, Path]:
+    """Three phantom scans (one two folders down), a broken file, a dotfile and a link: name -> path."""
+    from tests.serving_support import phantom_images, png_bytes
+
+    images = [gray for _, gray in phantom_images(count=3)]
+    paths = {"a.png": root / "a.png", "b.png": root / "sub" / "b.png", "c.png": root / "sub" / "deeper" / "c.png",
+             "broken.png": root / "sub" / "broken.png"}
+    for path in paths.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    for name, gray in zip(("a.png", "b.png", "c.png"), images, strict=True):
+        paths[name].write_bytes(png_bytes(gray))
+    paths["broken.png"].write_bytes(b"\x89PNG\r\n")
+    (root / ".hidden.png").write_bytes(png_bytes(images[0]))
+    paths["link.png"] = root / "link.png"
+    paths["link.png"].symlink_to(paths["a.png"])
+    return paths
+
+
+def test_predict_csv_scores_a_folder_recursively_one_row_per_file(tiny_export, tmp_path, capsys):
+    import csv
+
+    from chestct.external.batch import CSV_COLUMNS
+    from chestct.serving.predictor import Predictor
+
+    paths = _scan_folder(tmp_path / "scans")
+    out = tmp_path / "reports" / "predictions.csv"
+    main(["predict", str(tmp_path / "scans"), "--csv", str(out), "--export-dir", str(tiny_export),
+          "--batch-size", "2"])  # two batches: a full one and a partial one
+    captured = capsys.readouterr()
+    assert "3 files scored, 2 not (the reason is in the error column); 1 hidden entries" in captured.out
+    assert "scoring" in captured.err  # the progress bar
+    with open(out, newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = {Path(row["file"]).name: row for row in reader}
+        assert tuple(reader.fieldnames) == CSV_COLUMNS
+    assert set(rows) == {"a.png", "b.png", "c.png", "broken.png", "link.png"}  # the dotfile is not read
+    predictor = Predictor(tiny_export)
+    for name in ("a.png", "b.png", "c.png"):
+        expected = predictor.predict_file(paths[name])
+        row = rows[name]
+        assert row["file"] == str(paths[name]) and row["error"] == ""
+        assert float(row["probability"]) == expected.cancer_probability  # every digit kept
+        assert row["diagnosis"] == expected.diagnosis and float(row["threshold"]) == expected.threshold
+        assert (row["model_format"], row["model_sha256"]) == ("keras", expected.model_sha256)
+    assert rows["broken.png"]["error"] == "not a recognised image (expected PNG, JPEG or DICOM content)"
+    assert rows["broken.png"]["probability"] == rows["broken.png"]["diagnosis"] == ""
+    assert "symbolic link" in rows["link.png"]["error"]
+
+
+def test_predict_csv_exits_1_when_nothing_could_be_scored_and_still_writes_the_reasons(tiny_export, tmp_path):
+    folder = tmp_path / "junk"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out.csv"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(folder), "--csv", str(out), "--export-dir", str(tiny_export)])
+    assert exit_info.value.code == 1
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2 and lines[1].startswith(f"{folder / 'notes.txt'},") and "not a recognised image" in lines[1]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--json"], "drop --json and --gradcam-dir"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+])
+def test_predict_csv_refuses_options_it_cannot_honour_before_loading_a_model(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:  # no export folder exists: the model is never reached
+        main(["predict", str(tmp_path), "--csv", str(tmp_path / "out.csv"), "--export-dir", str(tmp_path / "none"),
+              *extra])
+    assert exit_info.value.code == 1 and message in capsys.readouterr().err
+
+
+def test_predict_csv_refuses_a_folder_as_the_csv_before_loading_a_model(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", str(tmp_path), "--csv", str(tmp_path), "--export-dir", str(tmp_path / "none")])
+    assert f"--csv {tmp_path} is a folder; give a file name" in capsys.readouterr().err
+
+
+def test_predict_without_csv_prints_a_line_for_every_file_of_a_folder(tiny_export, tmp_path, capsys):
+    paths = _scan_folder(tmp_path / "scans")
+    with pytest.raises(SystemExit) as exit_info:  # the broken file and the link fail the run, as named files do
+        main(["predict", str(tmp_path / "scans"), "--export-dir", str(tiny_export)])
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    printed = [line.split(": ")[0] for line in captured.out.strip().splitlines()]
+    assert printed == [str(paths[name]) for name in ("a.png", "b.png", "c.png")]  # sorted within each folder
+    assert f"{paths['broken.png']}: error:" in captured.err and f"{paths['link.png']}: skipped:" in captured.err

@@ -7,7 +7,8 @@ network's input contract (dtype, shape, value range), so a consumer can check bo
 
 Schema versions: a minor bump adds optional fields (older readers ignore them); a major bump changes or removes
 fields, and readers of another major refuse the file. 2.1 added `left_out_formats` (quantized variants that failed
-the parity check); a 2.0 file reads as one that left nothing out.
+the parity check); a 2.0 file reads as one that left nothing out. 2.2 added `source` (the git revision the export
+ran from and the registry version that commit carries, chestct.export.provenance); older files read with null.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from chestct.errors import ChestctError
 from chestct.labels import CLASS_NAMES
 from chestct.params import Params, PreprocessParams, ServeParams
 
-SCHEMA_VERSION = "2.1"
+SCHEMA_VERSION = "2.2"
 METADATA_FILE = "metadata.json"
 # Serving limits that exports written before them lack: such an export gets params.yaml's values at the time.
 SERVE_DEFAULTS = {"max_concurrent": 2, "queue_timeout_s": 10.0, "body_timeout_s": 30.0, "max_connections": 64}
@@ -67,6 +68,13 @@ class LeftOutRecord(_Record):
     required_agreement: float
 
 
+class ExportSource(_Record):
+    """The git commit the export stage ran from and the GTO version registered on it (None when unknown)."""
+
+    git_revision: str | None = None
+    artifact_version: str | None = None
+
+
 class EvaluationSettings(_Record):
     """How the evaluate stage measured this model; external validation uses the same settings by default."""
 
@@ -98,6 +106,7 @@ class ExportMetadata(_Record):
     artifacts: dict[str, ArtifactRecord]
     skipped_formats: dict[str, str]  # not written: the backbone cannot be saved in that format
     left_out_formats: dict[str, LeftOutRecord] = {}  # written, failed parity, removed (schema 2.1)
+    source: ExportSource = ExportSource()  # where the export came from (schema 2.2; older files: unknown)
     metrics: dict  # headline figures of the evaluate stage (see _summary), for the model card and /model-info
 
     @field_validator("serve", mode="before")
@@ -134,9 +143,10 @@ def _summary(section: dict | None) -> dict | None:
 
 def build_metadata(params: Params, threshold: dict, artifacts: dict[str, dict], skipped: dict[str, str],
                    image_size: int, eval_metrics: dict | None,
-                   left_out: dict[str, dict] | None = None) -> ExportMetadata:
-    """The metadata of one export; `threshold` is models/threshold.json as the evaluate stage wrote it and
-    `left_out` the parity reports of the formats removed from the export (chestct.export.parity)."""
+                   left_out: dict[str, dict] | None = None, source: dict | None = None) -> ExportMetadata:
+    """The metadata of one export; `threshold` is models/threshold.json as the evaluate stage wrote it,
+    `left_out` the parity reports of the formats removed from the export (chestct.export.parity) and `source`
+    chestct.export.provenance.export_source() (None: unknown)."""
     eval_metrics = eval_metrics or {}
     return ExportMetadata(
         schema_version=SCHEMA_VERSION,
@@ -161,6 +171,7 @@ def build_metadata(params: Params, threshold: dict, artifacts: dict[str, dict], 
         artifacts={name: ArtifactRecord.model_validate(record) for name, record in artifacts.items()},
         skipped_formats=skipped,
         left_out_formats={name: LeftOutRecord.model_validate(report) for name, report in (left_out or {}).items()},
+        source=ExportSource.model_validate(source or {}),
         metrics={name: _summary(eval_metrics.get(name)) for name in ("test", "test_leak_free", "valid")}
         | {"shortcut": eval_metrics.get("shortcut")},
     )

@@ -159,16 +159,16 @@ def _skip_reason(entry: os.DirEntry) -> str | None:
 
 
 @dataclass
-class _Listing:
+class FileListing:
     files: list[Path] = field(default_factory=list)
     hidden: int = 0
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (path, reason)
 
 
-def _walk_files(folder: Path) -> _Listing:
+def walk_files(folder: Path) -> FileListing:
     """Every regular file under `folder` (sorted), links and non-regular entries with their reason, and the number
     of hidden entries skipped. Only `folder` itself may be reached through a link (the user named it)."""
-    listing = _Listing()
+    listing = FileListing()
     pending = [folder]
     while pending:
         current = pending.pop()
@@ -198,7 +198,7 @@ def discover_files(data_dir: Path, label_map: dict[str, int]) -> Discovery:
     skipped: list[dict] = []
     hidden = 0
     for folder, label in label_map.items():
-        listing = _walk_files(data_dir / folder)
+        listing = walk_files(data_dir / folder)
         hidden += listing.hidden
         files.extend(ExternalFile(path, path.relative_to(data_dir).as_posix(), folder, label)
                      for path in listing.files)
@@ -217,7 +217,7 @@ def discover_files(data_dir: Path, label_map: dict[str, int]) -> Discovery:
             if _is_hidden(entry.name) or relative in mapped or relative in on_the_way:
                 continue
             if entry.is_dir():
-                ignored.append({"folder": relative.as_posix(), "files": len(_walk_files(entry).files)})
+                ignored.append({"folder": relative.as_posix(), "files": len(walk_files(entry).files)})
             else:
                 loose += 1
     return Discovery(files, hidden, ignored, loose, skipped)
