@@ -57,7 +57,7 @@ def clones(tmp_path_factory):
 def test_two_fresh_clones_give_identical_metrics_and_curves(clones):
     first, second = clones
     names = sorted(path.name for path in (first / "metrics").glob("*.json"))
-    assert names == ["data.json", "eval.json", "export.json", "preprocess.json", "train_phase1.json",
+    assert names == ["data.json", "eval.json", "export.json", "preprocess.json", "summary.json", "train_phase1.json",
                      "train_phase2.json"]
     compared = [f"metrics/{name}" for name in names] + ["models/threshold.json"]
     compared += sorted(str(path.relative_to(first)) for path in (first / "plots/eval").glob("*.csv"))
