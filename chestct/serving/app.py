@@ -12,6 +12,9 @@ each decoding its images one at a time, so memory stays bounded whatever arrives
 serve.queue_timeout_s for a slot, then gets 503 with Retry-After (limits.py). Bodies are bounded in size and time
 (uploads.py). The answers' shapes are declared in schema.py. No answer names a server path: the export folder
 appears by its relative or own name, the full path is logged.
+
+The same model also answers the open inference protocol under /v2 (v2.py), and /metrics gives Prometheus metrics
+of this app (observability.py). /health/live and /health/ready are the probes; /health stays for the page.
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ from chestct.imaging.errors import (
     UnsupportedImageError,
 )
 from chestct.serving.limits import PredictionSlots, ServerBusyError
+from chestct.serving.observability import ServiceMetrics, error_reason, upload_rejection_reason
 from chestct.serving.predictor import ModelUnavailableError, Prediction, Predictor, public_path, resolve_export_dir
-from chestct.serving.schema import PREDICT_ERRORS, UNAVAILABLE, UPLOAD_BODY, PredictResponse
+from chestct.serving.schema import NOT_READY, PREDICT_ERRORS, UNAVAILABLE, UPLOAD_BODY, PredictResponse
 from chestct.serving.uploads import UploadError, read_files, received_uploads
+from chestct.serving.v2 import router as v2_router
 
 log = logging.getLogger("chestct.serving.app")
 STATIC = Path(__file__).parent / "static"
@@ -113,16 +118,22 @@ def create_app(export_dir: str | Path | None = None, formats: tuple[str, ...] | 
             app.state.unavailable = None
             serve = app.state.predictor.serve_params
             app.state.slots = PredictionSlots(serve.max_concurrent, serve.queue_timeout_s)
+            app.state.metrics.model_loaded(app.state.predictor)
             log.info("chestct: serving %s (%s)", app.state.predictor.format, folder.resolve())
         except ModelUnavailableError as exc:
             # The log has the full message; answers get it without server paths.
             app.state.predictor, app.state.unavailable = None, without_server_paths(str(exc), folder)
+            app.state.metrics.no_model()
             log.warning("chestct: starting without a model: %s", exc)
         yield
 
     app = FastAPI(title="chestct", version="0.1.0", lifespan=lifespan,
                   description="Chest CT Normal vs Cancer classifier (research use only, not for diagnosis).")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    # Per-app metrics (/metrics, observability.py) and the open inference protocol's routes (/v2, v2.py).
+    app.state.metrics = ServiceMetrics()
+    app.state.metrics.instrument(app)
+    app.include_router(v2_router)
 
     def predictor_or_503(request: Request) -> Predictor:
         predictor = request.app.state.predictor
@@ -141,6 +152,16 @@ def create_app(export_dir: str | Path | None = None, formats: tuple[str, ...] | 
             return {"status": "no_model", "model_loaded": False, "detail": request.app.state.unavailable}
         return {"status": "ok", "model_loaded": True, "format": predictor.format}
 
+    @app.get("/health/live", summary="Liveness: 200 while the process answers (model or not)")
+    def health_live() -> dict:
+        return {"status": "live"}
+
+    @app.get("/health/ready", summary="Readiness: 200 once a model is loaded, else 503 saying how to make one",
+             responses=NOT_READY)
+    def health_ready(request: Request) -> dict:
+        predictor = predictor_or_503(request)
+        return {"status": "ready", "format": predictor.format}
+
     @app.get("/model-info", summary="The loaded model: format, sha256, threshold, preprocessing, metrics",
              responses=UNAVAILABLE)
     def model_info(request: Request) -> dict:
@@ -150,6 +171,9 @@ def create_app(export_dir: str | Path | None = None, formats: tuple[str, ...] | 
     @app.post("/predict", summary="Diagnose one or more scans (PNG, JPEG or DICOM) sent in the field 'files'",
               response_model=PredictResponse, responses=PREDICT_ERRORS, openapi_extra=UPLOAD_BODY)
     async def predict(request: Request, gradcam: bool = Query(False, description="add a Grad-CAM overlay PNG")):
+        metrics: ServiceMetrics = request.app.state.metrics
+        if request.app.state.predictor is None:
+            metrics.count_rejection(request, 503, "no_model")
         predictor = predictor_or_503(request)
         try:
             # Reading the files, decoding them (one after another) and the model run in a worker thread, so the
@@ -162,12 +186,16 @@ def create_app(export_dir: str | Path | None = None, formats: tuple[str, ...] | 
             log.info("chestct: %s disconnected before its upload was complete; request dropped", client)
             return Response(status_code=400)  # never sent: the connection is gone
         except UploadError as exc:
+            metrics.count_rejection(request, exc.status_code, upload_rejection_reason(exc.status_code))
             raise HTTPException(exc.status_code, exc.detail, headers=exc.headers or None) from None
         except ImageDecodeError as exc:
+            metrics.count_rejection(request, _decode_status(exc), error_reason(exc))
             raise HTTPException(_decode_status(exc), str(exc)) from None
         except ServerBusyError as exc:
             log.warning("chestct: %s", exc)
+            metrics.count_rejection(request, 503, "busy")
             raise HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
+        metrics.count_diagnoses("native", (result["diagnosis"] for result in results))
         return {"results": results}
 
     return app
