@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from chestct.serving.app import create_app
 from chestct.serving.limits import ServerBusyError
+from chestct.serving.observability import model_version
 from tests.serving_support import phantom_images, png_bytes
 
 INFER_ROUTE = "/v2/models/{model_name}/infer"
@@ -126,3 +128,12 @@ def test_v2_inference_waits_for_a_prediction_slot_like_predict(client, monkeypat
     assert "prediction slots (serve.max_concurrent)" in answer.json()["error"]
     assert moved(before, scrape(client), "chestct_rejected_inputs_total", route=INFER_ROUTE, status="503",
                  reason="busy") == 1
+
+
+def test_the_model_version_is_the_registry_version_when_the_export_records_one(client):
+    predictor = client.app.state.predictor
+    assert predictor.metadata.source.artifact_version is None  # the tests' export was not registered
+    assert model_version(predictor) == predictor.sha256[:12]
+    registered = predictor.metadata.model_copy(update={"source": predictor.metadata.source.model_copy(
+        update={"artifact_version": "v1.2.0"})})
+    assert model_version(SimpleNamespace(metadata=registered, sha256=predictor.sha256)) == "v1.2.0"

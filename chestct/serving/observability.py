@@ -47,8 +47,7 @@ def model_version(predictor: Predictor) -> str:
     """The version the service reports for its model: the registry version the export was made from
     (`v1.2.0`, metadata.json's source since schema 2.2), else the first 12 hex digits of the loaded artifact's
     sha256, so two exports of different weights never share a version."""
-    source = getattr(predictor.metadata, "source", None)  # absent from metadata read by older chestct
-    return getattr(source, "artifact_version", None) or predictor.sha256[:12]
+    return predictor.metadata.source.artifact_version or predictor.sha256[:12]
 
 
 def error_reason(error: Exception) -> str:
