@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from chestct.serving.uploads import FIELD
+FIELD = "files"  # the multipart field /predict reads its scans from
 
 
 class Problem(BaseModel):

@@ -21,8 +21,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from chestct.params import ServeParams
+from chestct.serving.schema import FIELD
 
-FIELD = "files"
 MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around the file parts
 # Slowest average body rate accepted once serve.body_timeout_s has passed (Apache's mod_reqtimeout uses the same
 # scheme with 500 bytes/s): each 1 kB received extends the deadline by 1 s, so a 20 MB scan on a 1 Mbit/s link
@@ -72,7 +72,7 @@ class BodyClock:
         return UploadError(408, f"{why}; send the whole request without pausing", CLOSE_CONNECTION)
 
 
-async def _received(request: Request, limit: int, limits: ServeParams) -> AsyncGenerator[bytes, None]:
+async def received_body(request: Request, limit: int, limits: ServeParams) -> AsyncGenerator[bytes, None]:
     """The body's chunks, refused past `limit` bytes (413) or when it stalls or trickles (408)."""
     clock = BodyClock(limits)
     chunks = request.stream()
@@ -112,7 +112,7 @@ async def received_uploads(request: Request, limits: ServeParams) -> AsyncIterat
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > request_limit:
         raise UploadError(413, f"the request is {int(declared) / 1e6:.1f} MB; {_limits_text(limits)}")
-    parser = MultiPartParser(request.headers, _received(request, request_limit, limits), max_files=limits.max_files,
+    parser = MultiPartParser(request.headers, received_body(request, request_limit, limits), max_files=limits.max_files,
                              max_fields=limits.max_files + 8)
     try:
         form = await parser.parse()

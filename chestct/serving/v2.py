@@ -39,7 +39,7 @@ from chestct.serving.limits import ServerBusyError
 from chestct.serving.observability import model_version as version_of
 from chestct.serving.observability import upload_rejection_reason
 from chestct.serving.predictor import Predictor
-from chestct.serving.uploads import UploadError, _received
+from chestct.serving.uploads import UploadError, received_body
 
 log = logging.getLogger("chestct.serving.v2")
 
@@ -250,7 +250,7 @@ async def read_body(request: Request, serve: ServeParams, image_size: int) -> by
         raise too_large
     chunks = []
     try:
-        async for chunk in _received(request, limit, serve):
+        async for chunk in received_body(request, limit, serve):
             chunks.append(chunk)
     except UploadError as exc:
         if exc.status_code == 413:
