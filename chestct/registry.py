@@ -92,18 +92,23 @@ def locate(reference: ArtifactReference, repo: str) -> tuple[str, str]:
 
 
 def fetch_artifact(text: str, repo: str = ".", cache_dir: Path | None = None) -> Path:
-    """The export folder of the referenced version, fetched into the cache unless already there."""
+    """The export folder of the referenced version, fetched into the cache unless already there.
+
+    The files are read through DVC's filesystem at the tagged commit (what `dvc artifacts get` does): from the
+    repository's DVC cache when it holds them, else from its default remote.
+    """
+    from dvc.api import DVCFileSystem
     from dvc.exceptions import DvcException
-    from dvc.repo import Repo
 
     reference = parse_reference(text)
     revision, path = locate(reference, repo)
     target = (cache_dir or default_cache_dir()) / reference.name / revision
     if (target / METADATA_FILE).is_file():
         return target
+    files = DVCFileSystem(repo, rev=revision)
     try:
         with atomic_path(target) as temp:  # a download cut short never leaves a folder that looks complete
-            Repo.get(repo, path, out=str(temp), rev=revision)
+            files.get(path, str(temp), recursive=True)
     except DvcException as exc:
         raise RegistryError(f"cannot fetch {path} of {reference.describe()} (commit {revision[:12]}) from the DVC "
                             f"remote of {repo} ({exc}); `dvc push` it from the clone that built it, or configure "
@@ -111,4 +116,6 @@ def fetch_artifact(text: str, repo: str = ".", cache_dir: Path | None = None) ->
     except OSError as exc:
         raise RegistryError(f"cannot write the fetched model into {target} ({exc.strerror or exc}); set "
                             f"{CACHE_ENV} to a writable folder") from None
+    finally:
+        files.close()
     return target

@@ -9,6 +9,7 @@ version into empty folders from a fresh clone, as another team would.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,7 +149,7 @@ REGISTRY_PIPELINE = {
     "model": {"backbone": "densenet121", "weights": None, "unfreeze": {"densenet121": 0.1}, "head": {"units": [8]}},
     "train": {"batch_size": 8, "steps_per_epoch": 1, "validation_batch_size": 32,
               "phase1": {"epochs": 1}, "phase2": {"epochs": 1}},
-    "evaluate": {"bootstrap_resamples": 50, "gradcam_images": 2, "attention": False,
+    "evaluate": {"bootstrap_resamples": 100, "gradcam_images": 2, "attention": False,
                  "robustness": {"enabled": False}},
     "export": {"formats": ["keras"], "latency_runs": 1},
 }
@@ -199,15 +200,26 @@ def test_a_promoted_version_is_fetched_by_stage_and_by_version_and_predicts_as_b
     assert (fetched_model.probabilities(test.images) == built_model.probabilities(test.images)).all()
 
 
+def _fetch_in_a_fresh_process(reference: str, repo: Path, cache: Path) -> Path:
+    """fetch_artifact as `chestct serve --artifact` runs it: in a process of its own (DVC, once imported, wraps
+    sys.stderr with colorama, which breaks pytest's output capture in later tests)."""
+    code = ("import sys; from pathlib import Path; from chestct.registry import fetch_artifact; "
+            "print(fetch_artifact(sys.argv[1], sys.argv[2], Path(sys.argv[3])))")
+    fetched = run([sys.executable, "-c", code, reference, str(repo), str(cache)], cache.parent)
+    return Path(fetched.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.e2e
 def test_serve_artifact_fetches_the_promoted_version_into_its_cache_once(registered, tmp_path):
     origin, clone, _ = registered
     cache = tmp_path / "cache"
-    folder = fetch_artifact("chestct@prod", str(clone), cache)
+    folder = _fetch_in_a_fresh_process("chestct@prod", clone, cache)
     commit = run(["git", "rev-list", "-n", "1", "chestct@v1.0.0"], clone).stdout.strip()
     assert folder == cache / ARTIFACT_NAME / commit
     assert (folder / "metadata.json").read_bytes() == (origin / "models/export/metadata.json").read_bytes()
-    assert fetch_artifact("chestct@v1.0.0", str(clone), cache) == folder  # the same commit: no second download
+    (folder / "MODEL_CARD.md").write_text("kept")  # a second fetch of the same commit must not download again
+    assert _fetch_in_a_fresh_process("chestct@v1.0.0", clone, cache) == folder
+    assert (folder / "MODEL_CARD.md").read_text() == "kept"
     assert [p.name for p in (cache / ARTIFACT_NAME).iterdir()] == [commit]
 
 
@@ -221,4 +233,54 @@ def test_the_run_writes_its_summary_and_dvc_shows_it_in_one_small_table(register
     assert 0.0 <= summary["test_auc"] <= 1.0 and summary["phase2_best_epoch"] == 1
     assert summary["robust_worst_auc"] is None  # switched off in this run
     shown = json.loads(run(["dvc", "metrics", "show", "--json", "metrics/summary.json"], origin).stdout)
-    assert shown[""]["data"]["metrics/summary.json"]["data"] == summary
+    # DVC leaves null figures out (its tables show "-" for them); every other key is read back as written.
+    assert shown[""]["data"]["metrics/summary.json"]["data"] == {k: v for k, v in summary.items() if v is not None}
+
+
+@pytest.mark.e2e
+def test_chestct_serve_artifact_serves_the_promoted_version_over_the_v2_protocol(registered, tmp_path):
+    """`chestct serve --artifact chestct@prod`, queried with tritonclient, answers as the model that was built."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+    import tritonclient.http as triton
+
+    from chestct.imaging.processed import load_split
+    from chestct.serving.predictor import Predictor
+    from tests.serving_support import free_port
+
+    origin, clone, _ = registered
+    port = free_port()
+    command = [sys.executable, "-c", "from chestct.cli import main; main()", "serve", "--port", str(port),
+               "--artifact", "chestct@prod", "--artifact-repo", str(clone)]
+    env = {**os.environ, "CHESTCT_ARTIFACT_CACHE": str(tmp_path / "cache"), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{port}", network_timeout=120.0)
+    try:
+        deadline = time.monotonic() + 120
+        while not _ready(client):
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "chestct serve --artifact was not ready within 120 s"
+            time.sleep(0.5)
+        images = load_split(origin / "data/processed/test.npz").images
+        tensor = triton.InferInput("image", list(images.shape), "UINT8")
+        tensor.set_data_from_numpy(images)
+        served = client.infer(ARTIFACT_NAME, [tensor]).as_numpy("probability")[:, 0]
+    finally:
+        client.close()
+        process.terminate()
+        process.wait(timeout=30)
+    np.testing.assert_allclose(served, Predictor(origin / "models/export").probabilities(images), rtol=0, atol=1e-6)
+
+
+def _ready(client) -> bool:
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        return client.is_server_ready()
+    except (InferenceServerException, ConnectionError, OSError):
+        return False
