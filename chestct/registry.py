@@ -91,6 +91,16 @@ def locate(reference: ArtifactReference, repo: str) -> tuple[str, str]:
     return found["rev"], found["path"]
 
 
+def _download(files, path: str, temp: Path, reference: ArtifactReference, revision: str, repo: str) -> None:
+    """Copy `path` at the tagged commit into `temp`; any failure to read it is a RegistryError saying why."""
+    try:
+        files.get(path, str(temp), recursive=True)
+    except Exception as exc:  # noqa: BLE001  (DVC, dvc-data and fsspec each raise their own kinds)
+        raise RegistryError(f"cannot fetch {path} of {reference.describe()} (commit {revision[:12]}) from the DVC "
+                            f"remote of {repo} ({type(exc).__name__}: {exc}); `dvc push` it from the clone that "
+                            f"built it, or configure the remote it was pushed to (`dvc remote add -d`)") from None
+
+
 def fetch_artifact(text: str, repo: str = ".", cache_dir: Path | None = None) -> Path:
     """The export folder of the referenced version, fetched into the cache unless already there.
 
@@ -98,7 +108,6 @@ def fetch_artifact(text: str, repo: str = ".", cache_dir: Path | None = None) ->
     repository's DVC cache when it holds them, else from its default remote.
     """
     from dvc.api import DVCFileSystem
-    from dvc.exceptions import DvcException
 
     reference = parse_reference(text)
     revision, path = locate(reference, repo)
@@ -108,11 +117,7 @@ def fetch_artifact(text: str, repo: str = ".", cache_dir: Path | None = None) ->
     files = DVCFileSystem(repo, rev=revision)
     try:
         with atomic_path(target) as temp:  # a download cut short never leaves a folder that looks complete
-            files.get(path, str(temp), recursive=True)
-    except DvcException as exc:
-        raise RegistryError(f"cannot fetch {path} of {reference.describe()} (commit {revision[:12]}) from the DVC "
-                            f"remote of {repo} ({exc}); `dvc push` it from the clone that built it, or configure "
-                            f"the remote it was pushed to (`dvc remote add -d`)") from None
+            _download(files, path, temp, reference, revision, repo)
     except OSError as exc:
         raise RegistryError(f"cannot write the fetched model into {target} ({exc.strerror or exc}); set "
                             f"{CACHE_ENV} to a writable folder") from None

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from chestct.export.provenance import ARTIFACT_NAME, export_source, registered_version
-from chestct.registry import ArtifactReference, RegistryError, fetch_artifact, parse_reference
+from chestct.registry import ArtifactReference, RegistryError, parse_reference
 from tests.conftest import PROJECT_ROOT
 from tests.pipeline_repo import make_pipeline_repo, run
 
@@ -115,22 +115,86 @@ def test_metadata_records_the_source_and_reads_older_files_without_it(default_pa
     assert unknown.source.git_revision is None
 
 
-# --- fetching: what fails before any download ---------------------------------------------------------------------
+# --- fetching -----------------------------------------------------------------------------------------------------
 
 
-def test_fetching_from_a_repo_with_nothing_registered_says_how_to_register(tmp_path):
-    repo = _git_repo(tmp_path / "repo")
-    with pytest.raises(RegistryError, match=r"no chestct in stage prod is registered in .*gto assign chestct "
-                                            r"--version vX\.Y\.Z --stage prod"):
-        fetch_artifact("chestct@prod", str(repo), tmp_path / "cache")
-    with pytest.raises(RegistryError, match=r"no chestct v1\.0\.0 is registered .*gto register chestct"):
-        fetch_artifact("chestct@v1.0.0", str(repo), tmp_path / "cache")
+def fetch_in_a_fresh_process(reference: str, repo: Path, cache: Path) -> tuple[bool, str]:
+    """fetch_artifact as `chestct serve --artifact` runs it, in a process of its own: (fetched, the folder or the
+    RegistryError's message). Not in the test process: importing DVC wraps sys.stderr with colorama, which can
+    break pytest's output capture in the tests that follow."""
+    code = ("import sys; from pathlib import Path; from chestct.registry import RegistryError, fetch_artifact\n"
+            "try: print(fetch_artifact(sys.argv[1], sys.argv[2], Path(sys.argv[3])))\n"
+            "except RegistryError as exc: print(f'RegistryError: {exc}')")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    printed = run([sys.executable, "-c", code, reference, str(repo), str(cache)], cache.parent).stdout.strip()
+    last = printed.splitlines()[-1]
+    return (False, last.removeprefix("RegistryError: ")) if last.startswith("RegistryError: ") else (True, last)
+
+
+@pytest.fixture(scope="module")
+def small_registry(tmp_path_factory) -> tuple[Path, Path, str]:
+    """A DVC project whose export is a two-file folder (no pipeline): pushed to a local-folder remote, v1.0.0
+    registered and in prod; and a git clone of it (no DVC cache). Returns (origin, clone, tagged commit)."""
+    root = tmp_path_factory.mktemp("small_registry")
+    origin = _git_repo(root / "origin")
+    run(["dvc", "init", "-q"], origin)
+    (origin / "dvc.yaml").write_text(yaml.safe_dump({"artifacts": {ARTIFACT_NAME: {
+        "path": "models/export", "type": "model"}}}))
+    (origin / "models/export").mkdir(parents=True)
+    (origin / "models/export/metadata.json").write_text('{"model": "chestct"}\n')
+    (origin / "models/export/weights.bin").write_bytes(bytes(range(256)) * 40)
+    run(["dvc", "add", "-q", "models/export"], origin)
+    run(["dvc", "remote", "add", "-d", "storage", str(root / "remote")], origin)
+    run(["git", "add", "-A"], origin)
+    run(["git", "commit", "-q", "-m", "an export"], origin)
+    run(["dvc", "push", "-q"], origin)
+    run(["gto", "register", ARTIFACT_NAME, "--version", "v1.0.0"], origin)
+    run(["gto", "assign", ARTIFACT_NAME, "--version", "v1.0.0", "--stage", "prod"], origin)
+    clone = root / "clone"
+    run(["git", "clone", "-q", str(origin), str(clone)], root)
+    return origin, clone, _head(origin)
+
+
+def test_a_promoted_version_is_fetched_into_the_cache_once_per_commit(small_registry, tmp_path):
+    origin, clone, commit = small_registry
+    cache = tmp_path / "cache"
+    fetched, folder = fetch_in_a_fresh_process("chestct@prod", clone, cache)  # from the remote: no cache in clone
+    assert fetched and Path(folder) == cache / ARTIFACT_NAME / commit
+    for name in ("metadata.json", "weights.bin"):
+        assert (Path(folder) / name).read_bytes() == (origin / "models/export" / name).read_bytes()
+    (Path(folder) / "weights.bin").write_bytes(b"kept")  # a second fetch of the same commit downloads nothing
+    assert fetch_in_a_fresh_process("chestct@v1.0.0", clone, cache) == (True, folder)
+    assert (Path(folder) / "weights.bin").read_bytes() == b"kept"
+    assert [path.name for path in (cache / ARTIFACT_NAME).iterdir()] == [commit]  # no temporary left
+
+
+def test_a_version_missing_from_the_remote_says_to_push_it_and_leaves_no_folder(small_registry, tmp_path):
+    _, clone, _ = small_registry
+    unpushed = tmp_path / "unpushed"
+    run(["git", "clone", "-q", str(clone), str(unpushed)], tmp_path)
+    run(["dvc", "remote", "modify", "--local", "storage", "url", str(tmp_path / "empty_remote")], unpushed)
+    fetched, message = fetch_in_a_fresh_process("chestct#prod", unpushed, tmp_path / "cache")
+    assert not fetched
+    assert message.startswith("cannot fetch models/export of chestct in stage prod (commit ") and "dvc push" in message
+    assert not any((tmp_path / "cache").rglob("metadata.json"))
+
+
+def test_fetching_what_is_not_registered_says_how_to_register_or_promote(small_registry, tmp_path):
+    _, clone, _ = small_registry
+    assert fetch_in_a_fresh_process("chestct@staging", clone, tmp_path / "cache") == (False, (
+        f"no chestct in stage staging is registered in {clone}: promote a version with `gto assign chestct "
+        f"--version vX.Y.Z --stage staging` (`gto show chestct` lists what is registered), and push the tags "
+        f"(`git push --tags`)"))
+    fetched, message = fetch_in_a_fresh_process("chestct@v2.0.0", clone, tmp_path / "cache")
+    assert not fetched and message.startswith(f"no chestct v2.0.0 is registered in {clone}: register one with "
+                                              f"`gto register chestct --version vX.Y.Z`")
     assert not (tmp_path / "cache").exists()
 
 
 def test_fetching_from_a_folder_that_is_not_a_repository_names_it(tmp_path):
-    with pytest.raises(RegistryError, match=r"cannot read the model registry of .*--artifact-repo"):
-        fetch_artifact("chestct@prod", str(tmp_path), tmp_path / "cache")
+    fetched, message = fetch_in_a_fresh_process("chestct@prod", tmp_path / "nowhere", tmp_path / "cache")
+    assert not fetched and message.startswith(f"cannot read the model registry of {tmp_path / 'nowhere'} (")
+    assert message.endswith("give a git repository of this project (a path or URL) with --artifact-repo")
 
 
 def test_the_cli_refuses_an_export_folder_and_an_artifact_together(tmp_path, capsys):
@@ -198,29 +262,6 @@ def test_a_promoted_version_is_fetched_by_stage_and_by_version_and_predicts_as_b
     fetched_model, built_model = Predictor(by_stage), Predictor(built)
     assert fetched_model.sha256 == built_model.sha256
     assert (fetched_model.probabilities(test.images) == built_model.probabilities(test.images)).all()
-
-
-def _fetch_in_a_fresh_process(reference: str, repo: Path, cache: Path) -> Path:
-    """fetch_artifact as `chestct serve --artifact` runs it: in a process of its own (DVC, once imported, wraps
-    sys.stderr with colorama, which breaks pytest's output capture in later tests)."""
-    code = ("import sys; from pathlib import Path; from chestct.registry import fetch_artifact; "
-            "print(fetch_artifact(sys.argv[1], sys.argv[2], Path(sys.argv[3])))")
-    fetched = run([sys.executable, "-c", code, reference, str(repo), str(cache)], cache.parent)
-    return Path(fetched.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.e2e
-def test_serve_artifact_fetches_the_promoted_version_into_its_cache_once(registered, tmp_path):
-    origin, clone, _ = registered
-    cache = tmp_path / "cache"
-    folder = _fetch_in_a_fresh_process("chestct@prod", clone, cache)
-    commit = run(["git", "rev-list", "-n", "1", "chestct@v1.0.0"], clone).stdout.strip()
-    assert folder == cache / ARTIFACT_NAME / commit
-    assert (folder / "metadata.json").read_bytes() == (origin / "models/export/metadata.json").read_bytes()
-    (folder / "MODEL_CARD.md").write_text("kept")  # a second fetch of the same commit must not download again
-    assert _fetch_in_a_fresh_process("chestct@v1.0.0", clone, cache) == folder
-    assert (folder / "MODEL_CARD.md").read_text() == "kept"
-    assert [p.name for p in (cache / ARTIFACT_NAME).iterdir()] == [commit]
 
 
 @pytest.mark.e2e
