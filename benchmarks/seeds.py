@@ -32,6 +32,8 @@ FIGURES = [
     ("test sensitivity", "eval", "test.sensitivity"),
     ("test specificity", "eval", "test.specificity"),
     ("leak-free test AUC", "eval", "test_leak_free.auc"),
+    ("distinct Normal slices, validation", "eval", "valid.normal_slices"),
+    ("distinct Normal slices, test", "eval", "test.normal_slices"),
     ("validation AUC (phase 2 best)", "train_phase2", "best_val_auc"),
     ("hist-matched test AUC", "eval", "shortcut.hist_matched_model_auc"),
     ("robustness worst AUC", "eval", "robustness.worst_auc"),
@@ -91,9 +93,9 @@ def _fmt(value) -> str:
 
 
 def print_table(summary: dict, seeds: list[int]) -> None:
-    print(f"\n{'figure':<32}{'mean':>7}{'sd':>7}  per seed ({', '.join(map(str, seeds))})")
+    print(f"\n{'figure':<36}{'mean':>7}{'sd':>7}  per seed ({', '.join(map(str, seeds))})")
     for label, entry in summary.items():
-        print(f"{label:<32}{_fmt(entry['mean']):>7}{_fmt(entry['sd']):>7}  "
+        print(f"{label:<36}{_fmt(entry['mean']):>7}{_fmt(entry['sd']):>7}  "
               f"{', '.join(_fmt(value) for value in entry['values'])}")
 
 

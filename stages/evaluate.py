@@ -12,7 +12,15 @@ from chestct.evaluation.attention import anatomy_masks, attention_report, outlin
 from chestct.evaluation.gradcam import gradcam, overlay
 from chestct.evaluation.input_cues import input_shortcut_audit
 from chestct.evaluation.robustness import build_perturbations, raw_reference, robustness_report
-from chestct.evaluation.scoring import gradcam_selection, leak_free_mask, predict_scores, roc_band_for, split_metrics
+from chestct.evaluation.scoring import (
+    FEW_DISTINCT_NORMALS,
+    distinct_slices,
+    gradcam_selection,
+    leak_free_mask,
+    predict_scores,
+    roc_band_for,
+    split_metrics,
+)
 from chestct.evaluation.shortcuts import raw_grayscale, shortcut_audit
 from chestct.evaluation.thresholds import choose_threshold, threshold_record
 from chestct.imaging.processed import load_split
@@ -77,8 +85,8 @@ def main() -> None:
     train_gray, test_gray = raw_grayscale(train.ids, RAW_DATA), raw_grayscale(test.ids, RAW_DATA)
     metrics = {
         "threshold": choice,
-        "test": split_metrics(test, test_scores, threshold, settings, seed),
-        "valid": split_metrics(valid, valid_scores, threshold, settings, seed),
+        "test": split_metrics(test, test_scores, threshold, settings, seed) | distinct_slices(test, manifest),
+        "valid": split_metrics(valid, valid_scores, threshold, settings, seed) | distinct_slices(valid, manifest),
         "test_leak_free": split_metrics(test, test_scores, threshold, settings, seed, members=leak_free),
         "shortcut": shortcut_audit(model, train, test, test_scores, manifest, train_gray, test_gray, settings, batch)
         | input_shortcut_audit(train.images, train.labels, test.images, test.labels, settings.histogram_bins),
@@ -106,7 +114,13 @@ def main() -> None:
 def _print_summary(metrics: dict, choice: dict) -> None:
     t, lf, sc = metrics["test"], metrics["test_leak_free"], metrics["shortcut"]
     print(f"evaluate: threshold {choice['threshold']:.4f} ({choice['method']}, chosen on validation)")
-    print(f"  test      n={t['n']} ({t['n_normal']} normal): AUC {t['auc']:.3f} {t['auc_ci']}, "
+    v = metrics["valid"]
+    if v["normal_slices"] < FEW_DISTINCT_NORMALS:
+        print(f"  warning: validation holds {v['n_normal']} Normal images but only {v['normal_slices']} distinct "
+              "Normal slices (near-duplicate groups): the threshold rests on too few to transfer, so read test "
+              "specificity with that in mind")
+    print(f"  test      n={t['n']} ({t['n_normal']} normal, {t['normal_slices']} distinct): "
+          f"AUC {t['auc']:.3f} {t['auc_ci']}, "
           f"sensitivity {t['sensitivity']:.3f}, specificity {t['specificity']:.3f}")
     print(f"  leak-free n={lf['n']} ({lf['n_normal']} normal): sensitivity {lf['sensitivity']:.3f}, "
           f"specificity {lf['specificity']}")

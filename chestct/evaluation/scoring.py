@@ -42,6 +42,21 @@ def leak_free_mask(test: SplitArrays, manifest: pd.DataFrame) -> np.ndarray:
     return ~leaking.to_numpy()
 
 
+# Below this many distinct Normal slices in validation, the operating point rests on too few images to transfer.
+FEW_DISTINCT_NORMALS = 5
+
+
+def distinct_slices(arrays: SplitArrays, manifest: pd.DataFrame) -> dict[str, int]:
+    """Distinct slices per class: near-duplicate groups from the split stage, not images.
+
+    The real data holds 215 Normal images but only 33 distinct Normal slices (the rest are copies): a split's
+    Normal count overstates how much evidence its specificity, or a threshold chosen on it, rests on.
+    """
+    groups = manifest.set_index("id").loc[arrays.ids.astype(str), "near_group"].to_numpy()
+    return {"normal_slices": int(np.unique(groups[arrays.labels == 0]).size),
+            "cancer_slices": int(np.unique(groups[arrays.labels == 1]).size)}
+
+
 def roc_band_for(labels: np.ndarray, scores: np.ndarray, params: EvaluateParams, seed: int) -> dict:
     band = roc_band(labels, scores, resamples=params.bootstrap_resamples, seed=seed, level=params.confidence_level)
     return {**band, "level": params.confidence_level}
