@@ -5,7 +5,8 @@ An entry is built on demand (`CorpusEntry.data()`), so collecting the tests cost
 few million pixels. `write_corpus` puts the files in a folder and `add_path_only_files` adds what exists only on a
 file system (a FIFO, a symlink loop), for the entry points that read paths (`chestct predict`, the split stage),
 never for uploads. `cli_only_paths` lists the paths that cannot be files in a folder at all (a missing file, a
-path under a file, a name too long for the file system, a folder).
+path under a file, a name too long for the file system). A folder is not among them: `chestct predict` scores the
+files inside it.
 
 The entry points, as `accepted_by` names them: "service" (POST /predict), "predict" (`chestct predict`), "external"
 (`chestct evaluate-external`) and "split" (the split stage). Files over the service's upload limit are refused by
@@ -249,5 +250,4 @@ def cli_only_paths(folder: Path, a_file: Path) -> dict[str, Path]:
     """Row 5's paths that name no file (refused by `chestct predict`, naming each): {case: path}."""
     return {"missing file": folder / "missing.png",
             "a path under a file": a_file / "inside.png",
-            "a 300-character name": folder / ("n" * 296 + ".png"),
-            "a folder": folder}
+            "a 300-character name": folder / ("n" * 296 + ".png")}
