@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 from tests.pipeline_repo import make_pipeline_repo, run, update_params
 
@@ -180,7 +181,11 @@ def test_export_writes_every_format_with_verified_parity(exported_repo):
     threshold = json.loads((repo / "models/threshold.json").read_text())
     assert metadata["threshold"] == threshold["threshold"]
     assert metadata["input"] == {**metadata["input"], "shape": [64, 64, 1], "dtype": "uint8"}
-    assert metadata["preprocess"]["image_size"] == 64 and metadata["preprocess"]["clahe"]["enabled"]
+    # The metadata carries the run's preprocessing exactly as params.yaml set it, so the predictor redoes it.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert metadata["preprocess"]["image_size"] == 64
+    assert {key: metadata["preprocess"][key] for key in ("crop", "intensity", "clahe", "denoise")} == {
+        key: params["preprocess"][key] for key in ("crop", "intensity", "clahe", "denoise")}
     for name, artifact in metadata["artifacts"].items():
         assert (export / artifact["file"]).exists() and len(artifact["sha256"]) == 64, name
     card = (export / "MODEL_CARD.md").read_text()
