@@ -20,6 +20,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
+from chestct.imaging.files import upload_limit_bytes
 from chestct.params import ServeParams
 from chestct.serving.schema import FIELD
 
@@ -107,7 +108,7 @@ async def received_uploads(request: Request, limits: ServeParams) -> AsyncIterat
     if not content_type.startswith("multipart/form-data"):
         raise UploadError(415, f"expected multipart/form-data with the image(s) in the field '{FIELD}', got "
                                f"{content_type or 'no Content-Type'}; e.g. curl -F {FIELD}=@scan.png .../predict")
-    per_file = int(limits.max_upload_mb * 1e6)
+    per_file = upload_limit_bytes(limits.max_upload_mb)
     request_limit = per_file * limits.max_files + MULTIPART_OVERHEAD
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > request_limit:
