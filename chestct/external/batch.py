@@ -20,6 +20,7 @@ from tqdm import tqdm
 from chestct.atomic_io import atomic_path
 from chestct.errors import ChestctError
 from chestct.external.records import walk_files
+from chestct.external.validation import error_reason
 
 CSV_COLUMNS = ("file", "probability", "diagnosis", "threshold", "model_format", "model_sha256", "error")
 
@@ -65,12 +66,6 @@ def check_csv_target(path: Path) -> None:
                                    f"place")
 
 
-def _reason(exc: Exception, path: Path) -> str:
-    """The error without the file name it starts with: the row's file column shows it."""
-    text = str(exc) if isinstance(exc, ChestctError) else f"cannot be decoded ({type(exc).__name__}: {exc})"
-    return text.removeprefix(f"{path}: ")
-
-
 def _scored_row(predictor, path: Path, image: np.ndarray, probability: float) -> dict:
     prediction = predictor.decide(str(path), image, float(probability))
     return {"file": str(path), "probability": prediction.cancer_probability, "diagnosis": prediction.diagnosis,
@@ -102,7 +97,7 @@ def score_inputs(predictor, inputs: Inputs, batch_size: int = 32, progress: bool
         try:
             pending.append((index, predictor.prepare(path, str(path))))
         except Exception as exc:  # noqa: BLE001  (one bad file never stops the run: its row says why)
-            rows[index] = _error_row(path, _reason(exc, path))
+            rows[index] = _error_row(path, error_reason(exc, str(path)))  # the file column shows the name
             continue
         if len(pending) >= batch_size:
             flush()

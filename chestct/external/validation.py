@@ -100,7 +100,7 @@ class ScoredContents:
 # --- scoring ------------------------------------------------------------------------------------------------
 
 
-def _reason(exc: Exception, name: str) -> str:
+def error_reason(exc: Exception, name: str) -> str:
     """The decoder's message without the file name it starts with (the report shows the name beside it)."""
     text = str(exc) if isinstance(exc, ChestctError) else f"cannot be decoded ({type(exc).__name__}: {exc})"
     return text[len(name) + 2:] if text.startswith(f"{name}: ") else text
@@ -140,7 +140,7 @@ def score_contents(predictor, files: Sequence[ExternalFile], digests: dict[str, 
             gray = decode_grayscale(data, item.relative, max_pixels=predictor.serve_params.max_pixels,
                                     dicom_window=predictor.serve_params.dicom_window)
         except Exception as exc:  # noqa: BLE001  (one bad file never stops the run: it is reported)
-            result.errors[digest] = _reason(exc, item.relative)
+            result.errors[digest] = error_reason(exc, item.relative)
             continue
         mean, std = intensity_features([gray])[0]
         result.intensity[digest] = (float(mean), float(std))
