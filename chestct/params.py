@@ -120,6 +120,7 @@ class PreprocessParams(Section):
     intensity: Literal["none", "equalise_in_mask", "percentile"]
     percentile: tuple[Annotated[float, Field(ge=0.0, le=100.0)], Annotated[float, Field(ge=0.0, le=100.0)]]
     workers: Annotated[int, Field(ge=1, le=256)]
+    shard_images: Annotated[int, Field(ge=1, le=1_000_000)]
 
     @model_validator(mode="after")
     def _percentiles_ordered(self) -> PreprocessParams:
@@ -295,10 +296,11 @@ class PhaseParams(Section):
 class TrainParams(Section):
     batch_size: Annotated[int, Field(ge=2)]
     balanced_batches: bool
+    shuffle_buffer: PositiveInt
     steps_per_epoch: PositiveInt
     validation_batch_size: PositiveInt
     precision: Literal["float32", "mixed_bfloat16", "mixed_float16", "auto"]
-    distribute: Literal["none", "mirrored"]
+    distribute: Literal["none", "mirrored", "multi_worker"]
     deterministic: bool
     loss: LossParams
     early_stopping_patience: NonNegativeInt

@@ -71,7 +71,7 @@ def main() -> None:
     params = load_params()
     settings, seed = params.evaluate, params.seed
     model = load_trained_model(MODEL)
-    train, valid, test = (load_split(PROCESSED / f"{split}.npz") for split in ("train", "valid", "test"))
+    train, valid, test = (load_split(PROCESSED / split).in_memory() for split in ("train", "valid", "test"))
     manifest = pd.read_csv(MANIFEST, keep_default_na=False)
     batch = params.train.validation_batch_size
 

@@ -28,7 +28,7 @@ from stages.errors import run_stage
 
 MODEL = Path("models/phase2.keras")
 THRESHOLD = Path("models/threshold.json")
-TEST = Path("data/processed/test.npz")
+TEST = Path("data/processed/test")
 EVAL_METRICS = Path("metrics/eval.json")
 DATA_METRICS = Path("metrics/data.json")
 PHASE_METRICS = {phase: Path(f"metrics/train_{phase}.json") for phase in ("phase1", "phase2")}
@@ -68,7 +68,7 @@ def _measured_line(name: str, report: dict, latency: dict | None) -> str:
 def main() -> None:
     params = load_params()
     threshold = json.loads(THRESHOLD.read_text())
-    test = load_split(TEST)
+    test = load_split(TEST).in_memory()
     trained = load_trained_model(MODEL)
     model = float32_copy(trained)  # after mixed-precision training: the same weights, float32 arithmetic
     backbone = backbone_spec(params.model.backbone)

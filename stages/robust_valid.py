@@ -19,7 +19,7 @@ from stages.errors import run_stage
 
 RAW_DATA = Path("data/raw/Data")
 MANIFEST = Path("data/split/manifest.csv")
-VALID = Path("data/processed/valid.npz")
+VALID = Path("data/processed/valid")
 OUT = Path("data/robust_valid")
 
 
@@ -34,7 +34,7 @@ def main() -> None:
     images, names = perturbed_mixture(raw_grayscale(valid.ids, RAW_DATA), suite, params.preprocess, params.seed)
     # save_processed validates the arrays as a split before it writes them.
     save_processed(OUT, {"valid": {"images": images, "labels": valid.labels, "subtypes": valid.subtypes,
-                                   "ids": valid.ids}})
+                                   "ids": valid.ids}}, params.preprocess.shard_images)
     print(f"robust_valid: {len(images)} validation images, each under one of {len(suite)} perturbations "
           f"({', '.join(sorted(set(names)))}) -> {OUT}")
 

@@ -33,8 +33,11 @@ def main() -> None:
     print(f"phase2: {unfrozen} backbone layers unfrozen, {count_trainable_parameters(model):,} trainable "
           f"parameters, {setup.describe()}", flush=True)
     result = train_phase(model, loss, setup.train, setup.valid, params, params.train.phase2, "phase2", MODEL, LIVE,
-                         seed_offset=1, robust_valid=setup.robust_valid)
-    save_phase_metrics(METRICS, result, model, unfrozen_backbone_layers=unfrozen)
+                         seed_offset=1, robust_valid=setup.robust_valid, chief=setup.chief)
+    if setup.chief:
+        save_phase_metrics(METRICS, result, model, unfrozen_backbone_layers=unfrozen)
+    if setup.strategy.num_replicas_in_sync > 1:
+        print(f"phase2: trainable weights digest {result.weights_digest} (the same on every worker)", flush=True)
     print(f"phase2: best validation AUC {result.best_val_auc:.4f} at epoch {result.best_epoch} "
           f"of {result.epochs_run}, {result.seconds:.0f} s -> {MODEL}")
 

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
-from chestct.imaging.processed import SplitArrays, SplitFileError, load_split
+from chestct.imaging.processed import SplitArrays
 from chestct.params import AugmentParams, TrainParams
 from chestct.training.input_pipeline import training_dataset, validation_dataset
 
@@ -64,30 +64,6 @@ def source_index(arrays: SplitArrays, image: np.ndarray) -> int:
     matches = np.flatnonzero((arrays.images == image.astype(np.uint8)).all(axis=(1, 2, 3)))
     assert len(matches) == 1, "a batch image is not one of the source images"
     return int(matches[0])
-
-
-# --- load_split --------------------------------------------------------------------------------------------------
-
-
-def test_load_split_round_trip(tmp_path, arrays):
-    path = tmp_path / "train.npz"
-    np.savez(path, images=arrays.images, labels=arrays.labels, subtypes=arrays.subtypes, ids=arrays.ids)
-    loaded = load_split(path)
-    np.testing.assert_array_equal(loaded.images, arrays.images)
-    assert loaded.ids.tolist() == arrays.ids.tolist() and loaded.subtypes[0] == "normal"
-    assert len(loaded) == COUNT and loaded.image_size == SIZE
-
-
-def test_load_split_names_the_missing_file_and_the_fix(tmp_path):
-    with pytest.raises(SplitFileError, match=r"valid\.npz.*dvc repro preprocess"):
-        load_split(tmp_path / "valid.npz")
-
-
-def test_load_split_names_missing_arrays(tmp_path, arrays):
-    path = tmp_path / "test.npz"
-    np.savez(path, images=arrays.images, labels=arrays.labels)
-    with pytest.raises(SplitFileError, match=r"test\.npz.*subtypes"):
-        load_split(path)
 
 
 # --- training ----------------------------------------------------------------------------------------------------

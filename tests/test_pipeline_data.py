@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from tests.pipeline_repo import make_pipeline_repo, run, update_params
+from tests.split_files import split_arrays
 
 pytestmark = pytest.mark.e2e
 
@@ -42,7 +43,7 @@ def test_layout_manifest_and_metrics(repo):
 def test_processed_arrays_match_the_manifest(repo):
     manifest = pd.read_csv(repo / "data/split/manifest.csv", keep_default_na=False)
     for split in ("train", "valid", "test"):
-        with np.load(repo / f"data/processed/{split}.npz") as arrays:
+        with split_arrays(repo / f"data/processed/{split}") as arrays:
             images, labels, ids = arrays["images"], arrays["labels"], arrays["ids"]
             expected = manifest[manifest["split"] == split]
             assert images.shape == (len(expected), 32, 32, 1) and images.dtype == np.uint8
@@ -56,7 +57,7 @@ def test_server_path_equals_cached_array(repo, default_params):
     from chestct.imaging.preprocess import preprocess_image
 
     params = default_params.preprocess.model_copy(update={"image_size": 32})
-    with np.load(repo / "data/processed/test.npz") as arrays:
+    with split_arrays(repo / "data/processed/test") as arrays:
         for index in (0, len(arrays["ids"]) - 1):
             raw = (repo / "data/raw/Data" / str(arrays["ids"][index])).read_bytes()
             np.testing.assert_array_equal(preprocess_image(raw, params), arrays["images"][index])
@@ -69,7 +70,7 @@ def test_nothing_changed_nothing_reruns_and_image_size_reruns_only_preprocess(re
     changed = run(["dvc", "repro", "preprocess"], repo)
     assert "Running stage 'preprocess'" in changed.stdout
     assert "Running stage 'download'" not in changed.stdout and "Running stage 'split'" not in changed.stdout
-    with np.load(repo / "data/processed/train.npz") as arrays:
+    with split_arrays(repo / "data/processed/train") as arrays:
         assert arrays["images"].shape[1:] == (40, 40, 1)
 
 
@@ -90,15 +91,15 @@ def test_the_anatomy_crop_and_standardisation_keep_server_and_cache_equal(repo, 
             "clahe": default_params.preprocess.clahe.model_copy(update={"enabled": False})})
         report = json.loads((repo / "metrics/preprocess.json").read_text())["crop"]
         assert report["mode"] == "lungs"
-        with np.load(repo / "data/processed/test.npz") as arrays:
+        with split_arrays(repo / "data/processed/test") as arrays:
             assert sum(report["test"].values()) == len(arrays["ids"]) and report["test"]["lungs"] >= 1
             for index, image_id in enumerate(arrays["ids"]):
                 raw = (repo / "data/raw/Data" / str(image_id)).read_bytes()
                 np.testing.assert_array_equal(preprocess_image(raw, params), arrays["images"][index])
                 np.testing.assert_array_equal(equalise_in_mask(arrays["unstandardised"][index]),
                                               arrays["images"][index][..., 0])
-        with np.load(repo / "data/robust_valid/valid.npz") as perturbed, \
-                np.load(repo / "data/processed/valid.npz") as clean:
+        with split_arrays(repo / "data/robust_valid/valid") as perturbed, \
+                split_arrays(repo / "data/processed/valid") as clean:
             assert list(perturbed["ids"]) == list(clean["ids"])
             assert perturbed["images"].shape == clean["images"].shape
             assert not np.array_equal(perturbed["images"], clean["images"])

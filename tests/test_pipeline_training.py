@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.pipeline_repo import make_pipeline_repo, run, update_params
+from tests.split_files import split_arrays
 
 pytestmark = pytest.mark.e2e
 
@@ -72,7 +73,7 @@ def test_phase2_model_reloads_and_takes_the_cached_array(trained_repo):
     from chestct.training.model import load_trained_model
 
     model = load_trained_model(repo / "models/phase2.keras")
-    with np.load(repo / "data/processed/valid.npz") as arrays:
+    with split_arrays(repo / "data/processed/valid") as arrays:
         images = arrays["images"]
     assert model.input.dtype == "uint8" and tuple(model.input.shape[1:]) == images.shape[1:]
     first = keras.ops.convert_to_numpy(model(images, training=False))
@@ -99,7 +100,7 @@ def evaluated_repo(trained_repo):
 def test_evaluate_writes_metrics_threshold_and_plots(evaluated_repo):
     repo, stdout = evaluated_repo
     metrics = json.loads((repo / "metrics/eval.json").read_text())
-    with np.load(repo / "data/processed/test.npz") as arrays:
+    with split_arrays(repo / "data/processed/test") as arrays:
         test_count = len(arrays["ids"])
     assert metrics["test"]["n"] == test_count  # every test image scored, none dropped
     for section in ("test", "valid", "test_leak_free"):
@@ -201,7 +202,7 @@ def test_serving_sees_the_cached_arrays_and_every_format_decides_alike(exported_
     from chestct.serving.predictor import Predictor
 
     repo, _ = exported_repo
-    export, test = repo / "models/export", load_split(repo / "data/processed/test.npz")
+    export, test = repo / "models/export", load_split(repo / "data/processed/test").in_memory()
     files = [repo / "data/raw/Data" / image_id for image_id in test.ids]
     reference = Predictor(export)
     assert reference.format == "keras"

@@ -258,7 +258,7 @@ def test_a_promoted_version_is_fetched_by_stage_and_by_version_and_predicts_as_b
 
     metadata = json.loads((by_stage / "metadata.json").read_text())
     assert metadata["source"] == {"git_revision": built_from, "artifact_version": None}  # registered afterwards
-    test = load_split(origin / "data/processed/test.npz")
+    test = load_split(origin / "data/processed/test").in_memory()
     fetched_model, built_model = Predictor(by_stage), Predictor(built)
     assert fetched_model.sha256 == built_model.sha256
     assert (fetched_model.probabilities(test.images) == built_model.probabilities(test.images)).all()
@@ -307,7 +307,7 @@ def test_chestct_serve_artifact_serves_the_promoted_version_over_the_v2_protocol
             assert process.poll() is None, process.stdout.read()
             assert time.monotonic() < deadline, "chestct serve --artifact was not ready within 120 s"
             time.sleep(0.5)
-        images = load_split(origin / "data/processed/test.npz").images
+        images = np.asarray(load_split(origin / "data/processed/test").images)
         tensor = triton.InferInput("image", list(images.shape), "UINT8")
         tensor.set_data_from_numpy(images)
         served = client.infer(ARTIFACT_NAME, [tensor]).as_numpy("probability")[:, 0]

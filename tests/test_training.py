@@ -27,7 +27,7 @@ def test_validation_auc_is_the_exact_auc_over_the_whole_set():
     model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
                               keras.layers.Dense(1, activation="sigmoid")])
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
-    callback = ValidationAUC(validation_dataset(arrays, batch_size=4), arrays.labels, BinaryFocalLoss())
+    callback = ValidationAUC(validation_dataset(arrays, batch_size=4), BinaryFocalLoss())
     callback.set_model(model)
     logs = {"loss": 1.0}
     callback.on_epoch_end(0, logs)
@@ -58,10 +58,10 @@ def test_precision_choice(monkeypatch):
 
 def test_mirrored_strategy_runs_on_a_cpu_only_machine():
     """train.distribute: mirrored uses every visible GPU; without one it must still train on one replica."""
-    from chestct.training.loop import make_strategy
+    from chestct.training.distribute import make_strategy
 
-    strategy = make_strategy("mirrored")
-    assert strategy.num_replicas_in_sync >= 1
+    strategy, chief = make_strategy("mirrored")
+    assert strategy.num_replicas_in_sync >= 1 and chief
     arrays = _arrays([0, 1] * 8)
     with strategy.scope():
         model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),

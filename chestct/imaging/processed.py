@@ -1,14 +1,16 @@
-"""The processed-array format, its one owner: `data/processed/<split>.npz`, written and read only here.
+"""Processed splits: THE preprocessing run over the manifest into `data/processed/<split>/`, and read back.
 
-`preprocess_manifest` runs THE preprocessing (chestct.imaging.preprocess) over the manifest; `save_processed`
-writes one .npz per split holding `images` (N x S x S x 1 uint8), `labels` (N,), `subtypes` (N,) and `ids` (N,),
-in manifest order; `load_split` reads one back and validates it as `SplitArrays`. Every later stage reads exactly
-the arrays the model trains on.
+`preprocess_manifest` streams every manifest image through the preprocessing (chestct.imaging.preprocess) on
+`preprocess.workers` processes and writes each one straight into its split's shards (chestct.imaging.shards), so
+memory does not grow with the dataset. `save_processed` writes arrays already in memory the same way (the
+perturbed validation copy, tests, benchmarks). `load_split` opens a split as `SplitArrays`: labels, subtypes and
+ids from the index, images memory-mapped from the shards (nothing is read until a row is used), and the layout
+the training input pipeline streams from. Every later stage reads exactly the arrays the model trains on.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
@@ -21,11 +23,13 @@ from chestct.atomic_io import atomic_path
 from chestct.errors import ChestctError
 from chestct.imaging.decode import decode_grayscale
 from chestct.imaging.preprocess import Prepared, prepare_gray
+from chestct.imaging.shards import ShardedImages, ShardedSplitWriter, ShardError, SplitLayout, read_layout
 from chestct.labels import CANCER, NORMAL, SPLITS
 from chestct.params import PreprocessParams
 
 ARRAY_KEYS = ("images", "labels", "subtypes", "ids")
 OPTIONAL_KEYS = ("unstandardised",)  # (N, S, S) uint8 before intensity standardisation, when preprocess masks
+DEFAULT_SHARD_IMAGES = 1024
 
 
 class SplitFileError(ChestctError, ValueError):
@@ -35,13 +39,18 @@ class SplitFileError(ChestctError, ValueError):
 @dataclass(frozen=True)
 class SplitArrays:
     """One processed split: uint8 images (N, S, S, 1), int labels (N,), str subtypes (N,) and ids (N,), and
-    optionally the unstandardised masked images (N, S, S) that photometric augmentation starts from."""
+    optionally the unstandardised masked images (N, S, S) that photometric augmentation starts from.
 
-    images: np.ndarray
+    Read from disk, the images are memory-mapped `ShardedImages` and `layout` names the shard files the training
+    input pipeline streams; built in memory (tests, benchmarks), they are arrays and `layout` is None.
+    """
+
+    images: np.ndarray | ShardedImages
     labels: np.ndarray
     subtypes: np.ndarray
     ids: np.ndarray
-    unstandardised: np.ndarray | None = None
+    unstandardised: np.ndarray | ShardedImages | None = None
+    layout: SplitLayout | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.shape[-1] != 1 or self.images.shape[1] != self.images.shape[2]:
@@ -67,68 +76,85 @@ class SplitArrays:
     def image_size(self) -> int:
         return int(self.images.shape[1])
 
+    def in_memory(self) -> SplitArrays:
+        """The same split with its images read into memory, for the stages that need whole arrays (evaluation's
+        audits and Grad-CAM, the export's parity images); training streams instead."""
+        unstandardised = None if self.unstandardised is None else np.asarray(self.unstandardised)
+        return replace(self, images=np.asarray(self.images), unstandardised=unstandardised)
 
-def load_split(path: str | Path) -> SplitArrays:
-    """Read one `data/processed/<split>.npz`; a missing or malformed file fails with its name and a way out."""
-    path = Path(path)
-    if not path.is_file():
-        raise SplitFileError(f"{path}: processed split not found; run `dvc repro preprocess` to create it")
+
+def split_folder(processed: str | Path, split: str) -> Path:
+    return Path(processed) / split
+
+
+def load_split(folder: str | Path) -> SplitArrays:
+    """Open one `data/processed/<split>/`; a missing or malformed split fails with its name and a way out."""
+    folder = Path(folder)
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = [key for key in ARRAY_KEYS if key not in npz.files]
-            if missing:
-                raise SplitFileError(f"{path}: missing arrays {missing}; rerun `dvc repro preprocess`")
-            arrays = {key: npz[key] for key in ARRAY_KEYS + OPTIONAL_KEYS if key in npz.files}
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, SplitFileError):
-            raise
-        raise SplitFileError(f"{path}: not a readable processed split ({exc}); rerun `dvc repro preprocess`") from None
+        layout, index = read_layout(folder)
+    except ShardError as exc:
+        raise SplitFileError(str(exc)) from None
+    fields = {field: ShardedImages(layout, index, field) for field in layout.fields}
     try:
-        return SplitArrays(**arrays)
-    except ValueError as exc:
-        raise SplitFileError(f"{path}: {exc}; rerun `dvc repro preprocess`") from None
+        return SplitArrays(images=fields["images"], unstandardised=fields.get("unstandardised"),
+                           labels=index["label"].to_numpy(dtype=np.int64),
+                           subtypes=index["subtype"].to_numpy(dtype=str), ids=index["id"].to_numpy(dtype=str),
+                           layout=layout)
+    except (KeyError, ValueError) as exc:
+        raise SplitFileError(f"{folder}: {exc}; rerun `dvc repro preprocess`") from None
 
 
 def _prepare_one(image_id: str, data_folder: Path, params: PreprocessParams) -> Prepared:
     return prepare_gray(decode_grayscale(data_folder / image_id, name=image_id), params)
 
 
-def preprocess_manifest(manifest: pd.DataFrame, data_folder: Path, params: PreprocessParams,
-                        progress: bool = True) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
-    """Preprocess every manifest image (in parallel, order kept) into per-split arrays; also return the crop
-    report (how many crop boxes came from the lungs, from the body, or from the whole image, per split)."""
+def _fields(prepared: Prepared) -> dict[str, np.ndarray]:
+    fields = {"images": prepared.image}
+    if prepared.unstandardised is not None:
+        fields["unstandardised"] = prepared.unstandardised
+    return fields
+
+
+def preprocess_manifest(manifest: pd.DataFrame, data_folder: Path, params: PreprocessParams, folder: Path,
+                        progress: bool = True) -> dict:
+    """Preprocess every manifest image (in parallel, order kept) into `folder/<split>/` shards, one image in
+    memory at a time; return the crop report (how many crop boxes came from the lungs, from the body, or from
+    the whole image, per split). The folder appears only once every split is complete."""
     ids = manifest["id"].tolist()
     work = partial(_prepare_one, data_folder=Path(data_folder), params=params)
     bar = dict(total=len(ids), desc="preprocessing", unit="img", disable=not progress)
-    if params.workers > 1 and len(ids) > 1:
-        with Pool(params.workers) as pool:
-            prepared = list(tqdm(pool.imap(work, ids, chunksize=8), **bar))
-    else:
-        prepared = [work(image_id) for image_id in tqdm(ids, **bar)]
-    size = params.image_size
-    stacked = np.stack([p.image for p in prepared]) if prepared else np.zeros((0, size, size, 1), np.uint8)
-    keep_unstandardised = bool(prepared) and prepared[0].unstandardised is not None
-    found = np.array([p.crop for p in prepared], dtype=object)
-    arrays, crops = {}, {"mode": params.crop}
-    for split in SPLITS:
-        members = (manifest["split"] == split).to_numpy()
-        arrays[split] = {
-            "images": stacked[members],
-            "labels": manifest.loc[members, "label"].to_numpy(dtype=np.int64),
-            "subtypes": manifest.loc[members, "subtype"].to_numpy(dtype=str),
-            "ids": manifest.loc[members, "id"].to_numpy(dtype=str),
-        }
-        if keep_unstandardised:
-            arrays[split]["unstandardised"] = np.stack(
-                [p.unstandardised for p, member in zip(prepared, members, strict=True) if member]
-            ) if members.any() else np.zeros((0, size, size), np.uint8)
-        if params.crop != "none":
-            crops[split] = {source: int(np.sum(found[members] == source)) for source in ("lungs", "body", "image")}
-    return arrays, {"crop": crops}
+    crops = {split: {"lungs": 0, "body": 0, "image": 0} for split in SPLITS}
+    with atomic_path(folder) as temp:
+        temp.mkdir()
+        writers: dict[str, ShardedSplitWriter] = {}
+        pool = Pool(params.workers) if params.workers > 1 and len(ids) > 1 else None
+        try:
+            prepared_stream = pool.imap(work, ids, chunksize=8) if pool else map(work, ids)
+            for split, prepared in zip(manifest["split"], tqdm(prepared_stream, **bar), strict=True):
+                if split not in writers:
+                    writers[split] = ShardedSplitWriter(
+                        temp / split, manifest[manifest["split"] == split], params.image_size,
+                        tuple(_fields(prepared)), params.shard_images)
+                writers[split].add(_fields(prepared))
+                if prepared.crop in crops[split]:
+                    crops[split][prepared.crop] += 1
+        finally:
+            if pool is not None:
+                pool.terminate()
+        for split in SPLITS:  # a split with no image still gets its (empty) folder
+            if split not in writers:
+                writers[split] = ShardedSplitWriter(temp / split, manifest[manifest["split"] == split],
+                                                    params.image_size, ("images",), params.shard_images)
+            writers[split].close()
+    report = {"mode": params.crop}
+    if params.crop != "none":
+        report.update(crops)
+    return {"crop": report}
 
 
-def save_processed(folder: Path, arrays: dict[str, dict[str, np.ndarray]]) -> None:
-    """Write <split>.npz for every split; the folder appears only once all are written.
+def save_processed(folder: Path, arrays: dict[str, dict[str, np.ndarray]],
+                   shard_images: int = DEFAULT_SHARD_IMAGES) -> None:
+    """Write in-memory arrays as `folder/<split>/` shards; the folder appears only once all are written.
 
     Each split is validated as `SplitArrays` first, so a malformed array never reaches the cache.
     """
@@ -140,5 +166,11 @@ def save_processed(folder: Path, arrays: dict[str, dict[str, np.ndarray]]) -> No
     with atomic_path(folder) as temp:
         temp.mkdir()
         for split, split_arrays in arrays.items():
-            np.savez(temp / f"{split}.npz",
-                     **{key: split_arrays[key] for key in ARRAY_KEYS + OPTIONAL_KEYS if key in split_arrays})
+            rows = pd.DataFrame({"id": split_arrays["ids"], "label": split_arrays["labels"],
+                                 "subtype": split_arrays["subtypes"]})
+            fields = tuple(key for key in ("images", *OPTIONAL_KEYS) if key in split_arrays)
+            size = int(split_arrays["images"].shape[1])
+            writer = ShardedSplitWriter(temp / split, rows, size, fields, shard_images)
+            for row in range(len(rows)):
+                writer.add({field: split_arrays[field][row] for field in fields})
+            writer.close()

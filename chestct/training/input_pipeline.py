@@ -1,4 +1,4 @@
-"""tf.data pipelines that feed the cached `data/processed/<split>.npz` arrays to the model.
+"""tf.data pipelines that stream the processed splits (`data/processed/<split>/` shards) to the model.
 
 What the model receives, in training and in validation alike:
 - images: float32 (B, S, S, 1) holding values in 0..255. The model takes uint8-valued grayscale and does its own
@@ -13,6 +13,15 @@ are EXACTLY half Normal, half Cancer: each class is shuffled, repeated and batch
 own, and the two halves are concatenated and shuffled within the batch. Then augmentation, then MixUp, then
 prefetch. Every random op is seeded or stateless, so the pipeline stays parallel and reproducible, also with
 `tf.config.experimental.enable_op_determinism()`.
+
+Streaming: a split read from disk is never loaded whole. Each class stream visits its class's shards in a
+seeded order that changes every pass, reads `SHARD_CYCLE` shards at a time (one `read_file` each, interleaved
+image by image) and shuffles within a buffer of `train.shuffle_buffer` images, so memory is bounded by those
+two, not by the dataset. A split of at most `shuffle_buffer` images per class is shuffled whole, as before.
+Arrays built in memory (tests, benchmarks) go through the same shuffles from `from_tensor_slices`.
+
+Distribution: every worker builds the same global batches and tf.data's DATA auto-sharding hands each replica
+its slice of each one, so N workers take the same optimisation steps as one process with the same batch.
 """
 
 from __future__ import annotations
@@ -28,8 +37,10 @@ from chestct.labels import CANCER, NORMAL
 from chestct.params import AugmentParams, TrainParams
 from chestct.training.augmentation import build_augmenter, mixup, seed_pair
 
+SHARD_CYCLE = 4  # shards of one stream read at a time (each is read whole: at most shard_images images)
+
 # Salts that give each random stream of the training pipeline its own seed derived from the one global seed.
-_NORMAL_SHUFFLE, _CANCER_SHUFFLE, _ALL_SHUFFLE, _BATCH_KEYS, _AUGMENT, _MIX = range(6)
+_NORMAL_SHUFFLE, _CANCER_SHUFFLE, _ALL_SHUFFLE, _BATCH_KEYS, _AUGMENT, _MIX, _SHARD_ORDER = range(7)
 
 
 class TrainingDataError(ChestctError, ValueError):
@@ -46,28 +57,63 @@ def _to_model_inputs(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, t
     return tf.cast(images, tf.float32), tf.reshape(tf.cast(labels, tf.float32), [-1, 1])
 
 
-def _class_batches(images: np.ndarray, arrays: SplitArrays, label: int, half: int, seed: int) -> tf.data.Dataset:
+def _read_shard(path: tf.Tensor, count: tf.Tensor, label: tf.Tensor, image_shape: tuple[int, ...]):
+    """One whole .npy shard as (count, *image_shape) uint8 with its labels; the pixels are its last bytes."""
+    raw = tf.io.decode_raw(tf.io.read_file(path), tf.uint8)
+    pixels = raw[tf.size(raw) - count * int(np.prod(image_shape)):]
+    images = tf.reshape(pixels, [count, *image_shape])
+    if len(image_shape) == 2:  # the unstandardised field is stored without its channel axis
+        images = images[..., tf.newaxis]
+    return images, tf.fill([count], label)
+
+
+def _stream(arrays: SplitArrays, field: str, label: int | None, seed: int, shuffle_shards: bool) -> tf.data.Dataset:
+    """(image (S, S, 1) uint8, label int64) for every image of the split (or of one class), read from its shards
+    SHARD_CYCLE at a time (shard order reshuffled every pass when `shuffle_shards`), or from memory."""
+    if arrays.layout is None:
+        images = arrays.images if field == "images" else arrays.unstandardised[..., np.newaxis]
+        members = np.ones(len(arrays), bool) if label is None else arrays.labels == label
+        return tf.data.Dataset.from_tensor_slices((images[members], arrays.labels[members]))
+    layout = arrays.layout
+    shards = layout.shards if label is None else layout.shards_of(label)
+    image_shape = (layout.image_size, layout.image_size, 1) if field == "images" else (layout.image_size,) * 2
+    files = tf.data.Dataset.from_tensor_slices((
+        tf.constant([str(shard.file(layout.folder, field)) for shard in shards], tf.string),
+        tf.constant([shard.count for shard in shards], tf.int32),
+        tf.constant([shard.label for shard in shards], tf.int64)))
+    if shuffle_shards and len(shards) > 1:
+        files = files.shuffle(len(shards), seed=_derived_seed(seed, _SHARD_ORDER), reshuffle_each_iteration=True)
+    return files.interleave(
+        lambda path, count, shard_label: tf.data.Dataset.from_tensor_slices(
+            _read_shard(path, count, shard_label, image_shape)),
+        cycle_length=max(1, min(SHARD_CYCLE, len(shards))), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _shuffled(data: tf.data.Dataset, count: int, buffer: int, seed: int) -> tf.data.Dataset:
+    return data.shuffle(max(1, min(count, buffer)), seed=seed, reshuffle_each_iteration=True)
+
+
+def _class_batches(arrays: SplitArrays, field: str, label: int, half: int, buffer: int, seed: int) -> tf.data.Dataset:
     """Endless batches of `half` images of one class, reshuffled on every pass over the class."""
-    members = arrays.labels == label
-    data = tf.data.Dataset.from_tensor_slices((images[members], arrays.labels[members]))
-    data = data.shuffle(int(members.sum()), seed=seed, reshuffle_each_iteration=True)
+    count = int(np.sum(arrays.labels == label))
+    data = _shuffled(_stream(arrays, field, label, seed, shuffle_shards=True), count, buffer, seed)
     return data.repeat().batch(half, drop_remainder=True)
 
 
-def _balanced_batches(images: np.ndarray, arrays: SplitArrays, batch_size: int, seed: int) -> tf.data.Dataset:
+def _balanced_batches(arrays: SplitArrays, field: str, batch_size: int, buffer: int, seed: int) -> tf.data.Dataset:
     """Endless uint8 batches with exactly batch_size / 2 Normal then batch_size / 2 Cancer images."""
     half = batch_size // 2
-    normal = _class_batches(images, arrays, NORMAL, half, _derived_seed(seed, _NORMAL_SHUFFLE))
-    cancer = _class_batches(images, arrays, CANCER, half, _derived_seed(seed, _CANCER_SHUFFLE))
+    normal = _class_batches(arrays, field, NORMAL, half, buffer, _derived_seed(seed, _NORMAL_SHUFFLE))
+    cancer = _class_batches(arrays, field, CANCER, half, buffer, _derived_seed(seed, _CANCER_SHUFFLE))
     return tf.data.Dataset.zip(normal, cancer).map(
         lambda n, c: (tf.concat([n[0], c[0]], axis=0), tf.concat([n[1], c[1]], axis=0))
     )
 
 
-def _plain_batches(images: np.ndarray, arrays: SplitArrays, batch_size: int, seed: int) -> tf.data.Dataset:
+def _plain_batches(arrays: SplitArrays, field: str, batch_size: int, buffer: int, seed: int) -> tf.data.Dataset:
     """Endless uint8 batches drawn from the whole split in its natural class proportions."""
-    data = tf.data.Dataset.from_tensor_slices((images, arrays.labels))
-    data = data.shuffle(len(arrays), seed=_derived_seed(seed, _ALL_SHUFFLE), reshuffle_each_iteration=True)
+    seed = _derived_seed(seed, _ALL_SHUFFLE)
+    data = _shuffled(_stream(arrays, field, None, seed, shuffle_shards=True), len(arrays), buffer, seed)
     return data.repeat().batch(batch_size, drop_remainder=True)
 
 
@@ -100,12 +146,12 @@ def training_dataset(
     _check_trainable(arrays, train_params)
     if standardise is not None and arrays.unstandardised is None:
         raise TrainingDataError("re-standardising needs the unstandardised images; rerun `dvc repro preprocess`")
-    source = arrays.images if standardise is None else arrays.unstandardised[..., np.newaxis]
-    batch_size = train_params.batch_size
+    field = "images" if standardise is None else "unstandardised"
+    batch_size, buffer = train_params.batch_size, train_params.shuffle_buffer
     if train_params.balanced_batches:
-        batches = _balanced_batches(source, arrays, batch_size, seed)
+        batches = _balanced_batches(arrays, field, batch_size, buffer, seed)
     else:
-        batches = _plain_batches(source, arrays, batch_size, seed)
+        batches = _plain_batches(arrays, field, batch_size, buffer, seed)
     # One random key per batch, redrawn on every iteration: it seeds that batch's augmentation and MixUp.
     keys = tf.data.Dataset.random(seed=_derived_seed(seed, _BATCH_KEYS), rerandomize_each_iteration=True)
     batches = tf.data.Dataset.zip(batches.take(train_params.steps_per_epoch), keys)
@@ -127,11 +173,22 @@ def training_dataset(
         return images, labels
 
     batches = batches.map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return batches.prefetch(tf.data.AUTOTUNE)
+    return batches.prefetch(tf.data.AUTOTUNE).with_options(_data_sharded())
+
+
+def _data_sharded() -> tf.data.Options:
+    """Under a multi-worker strategy, each worker keeps its replicas' slices of every global batch."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return options
 
 
 def validation_dataset(arrays: SplitArrays, batch_size: int) -> tf.data.Dataset:
-    """Every image exactly once, in file order, unaugmented: (images float32 0..255, labels float32 (B, 1))."""
-    data = tf.data.Dataset.from_tensor_slices((arrays.images, arrays.labels)).batch(batch_size)
+    """Every image exactly once, unaugmented: (images float32 0..255, labels float32 (B, 1)).
+
+    From memory in index order; from disk shard by shard (each read once, in layout order): read the labels from
+    the dataset, not from `arrays.labels`, when the order matters.
+    """
+    data = _stream(arrays, "images", None, seed=0, shuffle_shards=False).batch(batch_size)
     data = data.map(_to_model_inputs, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return data.prefetch(tf.data.AUTOTUNE)

@@ -26,6 +26,7 @@ from chestct.atomic_io import atomic_path, write_json
 from chestct.errors import ChestctError
 from chestct.imaging.processed import SplitArrays, load_split
 from chestct.params import Params, PhaseParams
+from chestct.training.distribute import make_strategy, weights_digest
 from chestct.training.input_pipeline import training_dataset, validation_dataset
 from chestct.training.losses import make_loss
 from chestct.training.photometric import standardise_tf
@@ -72,13 +73,6 @@ def onednn_enabled() -> bool:
     return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower() in ("1", "true")
 
 
-def make_strategy(distribute: str) -> tf.distribute.Strategy:
-    """`mirrored`: every visible GPU on this host (one CPU replica where there is none); `none`: default."""
-    if distribute == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
 def exact_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
@@ -87,27 +81,38 @@ class ValidationAUC(keras.callbacks.Callback):
     """Predicts the whole validation set once per epoch and adds val_auc, val_loss and learning_rate to logs.
 
     It must run before the callbacks that read those logs (early stopping, LR schedule, checkpoint, dvclive).
+    Every worker scores the whole set itself, outside the strategy: with identical weights they log identical
+    figures, so early stopping and the LR schedule stay in lockstep across workers.
     """
 
-    def __init__(self, dataset: tf.data.Dataset, labels: np.ndarray, loss: keras.losses.Loss,
-                 robust: tf.data.Dataset | None = None):
+    def __init__(self, dataset: tf.data.Dataset, loss: keras.losses.Loss, robust: tf.data.Dataset | None = None):
         super().__init__()
         self.dataset, self.robust = dataset, robust
-        self.labels = labels.astype(np.float32).reshape(-1, 1)
         self.loss = loss
+        self._forward = None
+
+    def _scores(self, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+        """(labels (N, 1), scores (N, 1)) in the dataset's order."""
+        if self._forward is None:
+            self._forward = tf.function(lambda images: tf.cast(self.model(images, training=False), tf.float32))
+        labels, scores = [], []
+        for images, batch_labels in dataset:
+            labels.append(batch_labels.numpy())
+            scores.append(self._forward(images).numpy())
+        return np.concatenate(labels).reshape(-1, 1), np.concatenate(scores).reshape(-1, 1)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs is None:
             return
-        scores = self.model.predict(self.dataset, verbose=0).astype(np.float32).reshape(-1, 1)
-        logs[MONITOR] = exact_auc(self.labels.ravel(), scores.ravel())
+        labels, scores = self._scores(self.dataset)
+        logs[MONITOR] = exact_auc(labels.ravel(), scores.ravel())
         if self.robust is not None:
             # Shortcut-aware selection: an epoch counts only as good as its worse validation copy.
-            robust_scores = self.model.predict(self.robust, verbose=0).astype(np.float32).ravel()
+            robust_labels, robust_scores = self._scores(self.robust)
             logs["val_auc_clean"] = logs[MONITOR]
-            logs["val_auc_perturbed"] = exact_auc(self.labels.ravel(), robust_scores)
+            logs["val_auc_perturbed"] = exact_auc(robust_labels.ravel(), robust_scores.ravel())
             logs[MONITOR] = min(logs["val_auc_clean"], logs["val_auc_perturbed"])
-        logs["val_loss"] = float(keras.ops.convert_to_numpy(keras.ops.mean(self.loss(self.labels, scores))))
+        logs["val_loss"] = float(keras.ops.convert_to_numpy(keras.ops.mean(self.loss(labels, scores))))
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
 
@@ -144,6 +149,7 @@ class PhaseResult:
     best_epoch: int
     epochs_run: int
     seconds: float
+    weights_digest: str = ""  # of the trainable weights kept: equal on every worker of a multi-worker run
 
     def as_dict(self) -> dict:
         return {"best_val_auc": self.best_val_auc, "best_epoch": self.best_epoch,
@@ -164,8 +170,12 @@ def compile_for_phase(model: keras.Model, params: Params, phase: PhaseParams) ->
 
 def train_phase(model: keras.Model, loss: keras.losses.Loss, train: SplitArrays, valid: SplitArrays,
                 params: Params, phase: PhaseParams, phase_name: str, model_path: Path, live_dir: Path,
-                seed_offset: int = 0, robust_valid: SplitArrays | None = None) -> PhaseResult:
-    """Fit one phase; write the best model by validation AUC to `model_path` and dvclive logs to `live_dir`."""
+                seed_offset: int = 0, robust_valid: SplitArrays | None = None, chief: bool = True) -> PhaseResult:
+    """Fit one phase; write the best model by validation AUC to `model_path` and dvclive logs to `live_dir`.
+
+    A worker that is not the chief trains in lockstep but writes neither (its checkpoints stay in a temporary
+    folder that is removed).
+    """
     _check_validation(valid)
     settings = params.train
     standardise = restandardisation(params, train)
@@ -182,31 +192,33 @@ def train_phase(model: keras.Model, loss: keras.losses.Loss, train: SplitArrays,
         robust_ds = validation_dataset(robust_valid, settings.validation_batch_size)
     checkpoint_dir = Path(tempfile.mkdtemp(prefix=f"chestct-{phase_name}-"))
     checkpoint = checkpoint_dir / model_path.name
-    live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
     callbacks = [
-        ValidationAUC(valid_ds, valid.labels, loss, robust_ds),  # first: the others read what it logs
+        ValidationAUC(valid_ds, loss, robust_ds),  # first: the others read what it logs
         keras.callbacks.ModelCheckpoint(checkpoint, monitor=MONITOR, mode="max", save_best_only=True),
         keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=settings.early_stopping_patience,
                                       restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", factor=settings.reduce_lr.factor,
                                           patience=settings.reduce_lr.patience, min_lr=settings.reduce_lr.min_lr),
-        DVCLiveCallback(live=live),
         EpochReport(phase_name, phase.epochs),
     ]
+    if chief:
+        callbacks.insert(-1, DVCLiveCallback(live=Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False,
+                                                       report=None)))
     started = time.perf_counter()
     try:
         history = model.fit(train_ds, epochs=phase.epochs, steps_per_epoch=settings.steps_per_epoch,
                             callbacks=callbacks, verbose=0)
         if not checkpoint.exists():
             raise TrainingError(f"{phase_name}: no epoch produced a checkpoint (validation AUC was never finite)")
-        with atomic_path(model_path) as temp:
-            shutil.copyfile(checkpoint, temp)
+        if chief:
+            with atomic_path(model_path) as temp:
+                shutil.copyfile(checkpoint, temp)
     finally:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     aucs = history.history[MONITOR]  # Keras' History runs last, so it sees what ValidationAUC logged
     best_epoch = int(np.nanargmax(aucs))
-    return PhaseResult(float(aucs[best_epoch]), best_epoch + 1, len(aucs),
-                       time.perf_counter() - started)
+    return PhaseResult(float(aucs[best_epoch]), best_epoch + 1, len(aucs), time.perf_counter() - started,
+                       weights_digest([weight.numpy() for weight in model.trainable_weights]))
 
 
 def restandardisation(params: Params, train: SplitArrays):
@@ -227,21 +239,24 @@ class TrainingSetup:
     strategy: tf.distribute.Strategy
     precision: str
     robust_valid: SplitArrays | None = None  # the perturbed validation copy, for train.selection val_auc_robust
+    chief: bool = True  # whether this process writes the phase's outputs (always, except a multi-worker non-chief)
 
     def describe(self) -> str:
         kernels = "oneDNN" if onednn_enabled() else "Eigen (oneDNN off)"
-        return (f"precision {self.precision}, {kernels} kernels, {self.strategy.num_replicas_in_sync} replica(s); "
-                f"train {len(self.train)}, valid {len(self.valid)}")
+        role = "" if self.chief else " (not the chief: writes nothing)"
+        return (f"precision {self.precision}, {kernels} kernels, {self.strategy.num_replicas_in_sync} replica(s)"
+                f"{role}; train {len(self.train)}, valid {len(self.valid)}")
 
 
 def prepare_training(params: Params, processed_dir: Path, robust_dir: Path) -> TrainingSetup:
-    """What both phases do first: seeds, precision policy, the cached arrays and the distribution strategy."""
+    """What both phases do first: the distribution strategy, seeds, precision policy and the processed splits."""
+    strategy, chief = make_strategy(params.train.distribute)  # first: a collective strategy sets up the runtime
     configure_determinism(params.seed, params.train.deterministic)
     precision = configure_precision(params.train.precision)
-    train = load_split(processed_dir / "train.npz")
-    valid = load_split(processed_dir / "valid.npz")
-    robust = load_split(robust_dir / "valid.npz") if params.train.selection == "val_auc_robust" else None
-    return TrainingSetup(train, valid, make_strategy(params.train.distribute), precision, robust)
+    train = load_split(processed_dir / "train")
+    valid = load_split(processed_dir / "valid")
+    robust = load_split(robust_dir / "valid") if params.train.selection == "val_auc_robust" else None
+    return TrainingSetup(train, valid, strategy, precision, robust, chief)
 
 
 def save_phase_metrics(path: Path, result: PhaseResult, model: keras.Model, **extra: int) -> None:

@@ -44,8 +44,11 @@ class ModelFileError(ChestctError, FileNotFoundError):
 # --- the whole model --------------------------------------------------------------------------------------
 
 
-def _head(features, params: HeadParams):
-    """Noise on the pooled features, the dense blocks, and the float32 sigmoid output."""
+def _head(features, params: HeadParams, synchronized_batchnorm: bool = False):
+    """Noise on the pooled features, the dense blocks, and the float32 sigmoid output.
+
+    `synchronized_batchnorm`: under a distribution strategy the head's batch statistics are those of the global
+    batch, not of each replica's slice, so N replicas train the same model as one process."""
     x = features
     if params.input_noise_stddev > 0:
         # Placed on the pooled backbone features: a mild regulariser for the head only (active in training).
@@ -53,14 +56,15 @@ def _head(features, params: HeadParams):
     regularizer = keras.regularizers.L2(params.l2) if params.l2 > 0 else None
     for index, units in enumerate(params.units):
         x = layers.Dense(units, kernel_regularizer=regularizer, name=f"head_dense_{index}")(x)
-        x = layers.BatchNormalization(momentum=params.batchnorm_momentum, name=f"head_bn_{index}")(x)
+        x = layers.BatchNormalization(momentum=params.batchnorm_momentum, synchronized=synchronized_batchnorm,
+                                      name=f"head_bn_{index}")(x)
         x = layers.ReLU(name=f"head_relu_{index}")(x)
         x = layers.Dropout(params.dropout, name=f"head_dropout_{index}")(x)
     # float32 so the probability stays exact under mixed precision.
     return layers.Dense(1, activation="sigmoid", dtype="float32", name=PREDICTION_NAME)(x)
 
 
-def build_model(params: ModelParams, image_size: int) -> keras.Model:
+def build_model(params: ModelParams, image_size: int, synchronized_batchnorm: bool = False) -> keras.Model:
     """The phase-1 model: backbone frozen, attention and head trainable; input (S, S, 1) uint8."""
     spec = backbone_spec(params.backbone)
     backbone = spec.build(params.weights, image_size)
@@ -74,7 +78,7 @@ def build_model(params: ModelParams, image_size: int) -> keras.Model:
     x = ChannelAttention(params.attention.ratio, name="channel_attention")(x)
     x = SpatialAttention(params.attention.kernel_size, name="spatial_attention")(x)
     x = layers.GlobalAveragePooling2D(name="pooling")(x)
-    return keras.Model(image, _head(x, params.head), name=f"chestct_{params.backbone}")
+    return keras.Model(image, _head(x, params.head, synchronized_batchnorm), name=f"chestct_{params.backbone}")
 
 
 # --- fine-tuning ------------------------------------------------------------------------------------------
