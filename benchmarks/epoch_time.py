@@ -179,7 +179,7 @@ def _benchmark_params():
 
 
 def _save_splits(folder: Path, train, valid) -> None:
-    """Write the images as the preprocess stage does (`<split>.npz`), for the row processes to load."""
+    """Write the images as the preprocess stage does (`<split>/` shards), for the row processes to load."""
     from chestct.imaging.processed import ARRAY_KEYS, save_processed
 
     save_processed(folder, {split: {key: getattr(arrays, key) for key in ARRAY_KEYS}
@@ -192,7 +192,7 @@ def worker(loop: str, precision: str, splits: Path, steps: int, result_path: Pat
     from chestct.training.loop import onednn_enabled
 
     params = _benchmark_params()
-    train, valid = (load_split(splits / f"{split}.npz") for split in ("train", "valid"))
+    train, valid = (load_split(splits / split) for split in ("train", "valid"))
     if loop == "naive":
         result = naive_epochs(params, train, valid, steps)
     else:

@@ -22,11 +22,11 @@ import numpy as np
 def _arrays(processed: Path, size: int, count: int = 256):
     from chestct.imaging.processed import SplitArrays, load_split
 
-    path = processed / "train.npz"
+    path = processed / "train"
     if path.exists():
         arrays = load_split(path)
         if arrays.image_size == size:
-            return arrays, "cached train.npz"
+            return arrays, "cached data/processed/train"
     rng = np.random.default_rng(0)
     labels = np.arange(count) % 2
     images = rng.integers(0, 256, (count, size, size, 1), dtype=np.uint8)

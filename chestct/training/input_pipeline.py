@@ -96,8 +96,10 @@ def _shuffled(data: tf.data.Dataset, count: int, buffer: int, seed: int) -> tf.d
 def _class_batches(arrays: SplitArrays, field: str, label: int, half: int, buffer: int, seed: int) -> tf.data.Dataset:
     """Endless batches of `half` images of one class, reshuffled on every pass over the class."""
     count = int(np.sum(arrays.labels == label))
-    data = _shuffled(_stream(arrays, field, label, seed, shuffle_shards=True), count, buffer, seed)
-    return data.repeat().batch(half, drop_remainder=True)
+    data = _stream(arrays, field, label, seed, shuffle_shards=True)
+    if count <= buffer and arrays.layout is not None:
+        data = data.cache()  # the class fits in the shuffle buffer anyway: read its shards once, not every pass
+    return _shuffled(data, count, buffer, seed).repeat().batch(half, drop_remainder=True)
 
 
 def _balanced_batches(arrays: SplitArrays, field: str, batch_size: int, buffer: int, seed: int) -> tf.data.Dataset:
@@ -113,8 +115,10 @@ def _balanced_batches(arrays: SplitArrays, field: str, batch_size: int, buffer: 
 def _plain_batches(arrays: SplitArrays, field: str, batch_size: int, buffer: int, seed: int) -> tf.data.Dataset:
     """Endless uint8 batches drawn from the whole split in its natural class proportions."""
     seed = _derived_seed(seed, _ALL_SHUFFLE)
-    data = _shuffled(_stream(arrays, field, None, seed, shuffle_shards=True), len(arrays), buffer, seed)
-    return data.repeat().batch(batch_size, drop_remainder=True)
+    data = _stream(arrays, field, None, seed, shuffle_shards=True)
+    if len(arrays) <= buffer and arrays.layout is not None:
+        data = data.cache()  # as in _class_batches
+    return _shuffled(data, len(arrays), buffer, seed).repeat().batch(batch_size, drop_remainder=True)
 
 
 def _check_trainable(arrays: SplitArrays, train_params: TrainParams) -> None:
