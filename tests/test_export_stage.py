@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
+from chestct.imaging.processed import save_processed
 from tests.conftest import PROJECT_ROOT
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -37,11 +38,11 @@ def _workspace(root: Path, require_all: bool, formats: list[str] = FORMATS) -> P
     record = threshold_record({"threshold": float(np.median(probabilities)), "method": "fixed"},
                               load_params(root / "params.yaml"))
     (root / "models/threshold.json").write_text(json.dumps(record))
-    (root / "data/processed").mkdir(parents=True)
     count = len(images)
-    np.savez(root / "data/processed/test.npz", images=images, labels=np.arange(count) % 2,
-             subtypes=np.array(["normal", "adenocarcinoma"] * (count // 2)),
-             ids=np.array([f"test/{index}.png" for index in range(count)]))
+    save_processed(root / "data/processed", {"test": {
+        "images": images, "labels": np.arange(count) % 2,
+        "subtypes": np.array(["normal", "adenocarcinoma"] * (count // 2)),
+        "ids": np.array([f"test/{index}.png" for index in range(count)])}})
     return root
 
 

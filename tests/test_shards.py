@@ -217,3 +217,26 @@ def test_streamed_validation_reads_every_image_once_with_its_label(written):
     for image, label in zip(images, labels, strict=True):
         row = np.flatnonzero((arrays["images"] == image).all(axis=(1, 2, 3)))
         assert len(row) == 1 and arrays["labels"][row[0]] == label
+
+
+def test_streaming_agrees_with_itself_under_op_determinism(written, original_params):
+    """Training turns op determinism on: the shard reads, interleave and shuffles must run under it, unchanged."""
+    import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config
+
+    _, folder = written
+    split = load_split(folder)
+    augment, train = _params(original_params, shuffle_buffer=5)  # params.yaml's augmentation, MixUp off
+
+    def first_epoch():
+        return np.concatenate([images.numpy() for images, _ in training_dataset(split, augment, train, seed=11)])
+
+    expected = first_epoch()
+    was_enabled = tf_config.is_op_determinism_enabled()
+    tf.config.experimental.enable_op_determinism()
+    try:
+        under_determinism = first_epoch()
+    finally:
+        if not was_enabled:
+            tf_config.disable_op_determinism()
+    np.testing.assert_allclose(under_determinism, expected, atol=1e-3)
