@@ -107,6 +107,8 @@ class WindowParams(Section):
 class DenoiseParams(Section):
     method: Literal["none", "nlmeans", "bilateral"]
     strength: Annotated[float, Field(gt=0.0, le=10.0)]
+    # Exports made before the noise floor existed carry no `renoise`: they had none.
+    renoise: Annotated[float, Field(ge=0.0, le=64.0)] = 0.0
 
 
 class PreprocessParams(Section):

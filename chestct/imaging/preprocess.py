@@ -55,14 +55,15 @@ def prepare_gray(gray: np.ndarray, params: PreprocessParams) -> Prepared:
         gray = apply_clahe(gray, params.clahe.clip_limit, params.clahe.tile_grid)
     if params.window.enabled:
         gray = apply_window(gray, params.window.center, params.window.width)
-    if mask is None and params.intensity == "none" and params.denoise.method == "none":
+    if mask is None and params.intensity == "none" and params.denoise.method == "none" and not params.denoise.renoise:
         return Prepared(resize_square(gray, params.image_size, params.resize_mode)[:, :, np.newaxis], None, found)
     if mask is None:
         mask = np.ones(gray.shape, bool)
     square = resize_square(gray, params.image_size, params.resize_mode)
     # The mask goes through the same resize (padding included) with nearest-neighbour values.
     square_mask = resize_square(mask.astype(np.uint8) * 255, params.image_size, params.resize_mode) > 127
-    unstandardised = denoise(masked(square, square_mask), params.denoise.method, params.denoise.strength)
+    unstandardised = denoise(masked(square, square_mask), params.denoise.method, params.denoise.strength,
+                             params.denoise.renoise)
     return Prepared(standardise(unstandardised, params)[:, :, np.newaxis], unstandardised, found)
 
 
