@@ -138,3 +138,30 @@ def test_the_lung_crop_falls_back_to_the_body_and_then_to_the_image(default_para
     disc[10:70, 10:70] = 150  # a body without any dark lung
     assert prepare_gray(disc, new_params(default_params)).crop == "body"
     assert prepare_gray(np.zeros((40, 40), np.uint8), new_params(default_params)).crop == "image"
+
+
+def test_the_noise_floor_brings_a_clean_and_a_noisy_slice_to_one_noise_level(phantom):
+    """preprocess.denoise.renoise: denoising leaves each slice at its own residual noise; the floor on top puts
+    both copies of one phantom at (nearly) the same level, deterministically, and keeps the mask."""
+    body = body_mask(phantom)
+    clean = masked(phantom, body)
+    noisy = masked(gaussian_noise(0.04)(phantom, np.random.default_rng(1)), body)
+    levels = {}
+    for renoise in (0.0, 12.0):
+        outputs = [denoise(image, "nlmeans", 0.5, renoise) for image in (clean, noisy)]  # light: residue differs
+        levels[renoise] = [noise_level(output) for output in outputs]
+        for source, output in zip((clean, noisy), outputs, strict=True):
+            assert ((output > 0) == (source > 0)).all()  # the mask is kept, nothing inside becomes 0
+        np.testing.assert_array_equal(outputs[1], denoise(noisy, "nlmeans", 0.5, renoise))  # deterministic
+    gap_without, gap_with = (abs(a - b) / max(a, b) for a, b in (levels[0.0], levels[12.0]))
+    assert levels[12.0][0] > 5 * levels[0.0][0]  # the clean slice is lifted to the floor
+    assert gap_with < gap_without / 2, levels  # 1.6 vs 9.8 grey levels without the floor, 11.4 vs 14.7 with it
+
+
+def test_the_noise_floor_is_off_by_default_and_an_old_export_without_it_loads(default_params):
+    from chestct.params import PreprocessParams
+
+    assert default_params.preprocess.denoise.renoise == 0.0
+    old = default_params.preprocess.model_dump()
+    del old["denoise"]["renoise"]  # metadata written before the param existed
+    assert PreprocessParams.model_validate(old).denoise.renoise == 0.0
