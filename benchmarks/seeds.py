@@ -46,6 +46,7 @@ FIGURES = [
     ("sharpness rule, model input", "eval", "shortcut.input_sharpness_auc"),
     ("Grad-CAM share in the body", "eval", "attention.in_body_share"),
     ("Grad-CAM share in the lungs", "eval", "attention.in_lung_share"),
+    ("lungs' share of the input (uniform map)", "eval", "attention.lung_area_share"),
 ]
 
 
@@ -93,9 +94,9 @@ def _fmt(value) -> str:
 
 
 def print_table(summary: dict, seeds: list[int]) -> None:
-    print(f"\n{'figure':<36}{'mean':>7}{'sd':>7}  per seed ({', '.join(map(str, seeds))})")
+    print(f"\n{'figure':<40}{'mean':>7}{'sd':>7}  per seed ({', '.join(map(str, seeds))})")
     for label, entry in summary.items():
-        print(f"{label:<36}{_fmt(entry['mean']):>7}{_fmt(entry['sd']):>7}  "
+        print(f"{label:<40}{_fmt(entry['mean']):>7}{_fmt(entry['sd']):>7}  "
               f"{', '.join(_fmt(value) for value in entry['values'])}")
 
 

@@ -132,7 +132,8 @@ def _print_summary(metrics: dict, choice: dict) -> None:
     if "attention" in metrics:
         a = metrics["attention"]
         print(f"  Grad-CAM mass in the body {a['in_body_share']}, in the lungs {a['in_lung_share']} "
-              f"({a['zero_maps']} all-zero maps, lungs not found in {a['lungs_not_found']})")
+              f"(a uniform map: {a['body_area_share']}, {a['lung_area_share']}; {a['zero_maps']} all-zero maps, "
+              f"lungs not found in {a['lungs_not_found']})")
     if "robustness" in metrics:
         r = metrics["robustness"]
         print(f"  robustness: worst AUC {r['worst_auc']} under {r['worst']} (clean {r['clean_auc']})")

@@ -114,6 +114,7 @@ def test_evaluate_writes_metrics_threshold_and_plots(evaluated_repo):
                                         "input_sharpness_auc"}
     attention = metrics["attention"]
     assert 0.0 <= attention["in_lung_share"] <= attention["in_body_share"] <= 1.0
+    assert 0.0 <= attention["lung_area_share"] <= attention["body_area_share"] <= 1.0
     assert attention["images"] == test_count and set(attention["by_class"]) == {"normal", "cancer"}
     robust = metrics["robustness"]
     assert robust["worst"] in robust and robust["worst_auc"] == min(

@@ -203,6 +203,8 @@ def test_attention_report_by_hand():
     assert report["by_class"]["cancer"] == {"images": 1, "in_body_share": 1.0, "in_lung_share": 1.0}
     assert report["by_class"]["normal"] == {"images": 1, "in_body_share": 0.0, "in_lung_share": 0.0}
     assert report["zero_maps"] == 1 and report["images"] == 3 and report["lungs_not_found"] == 0
+    # What a uniform heatmap would score: the masks' share of the image, over the two non-zero maps.
+    assert report["body_area_share"] == 0.5 and report["lung_area_share"] == 0.25
 
 
 def test_outline_draws_the_masks_on_the_overlay():

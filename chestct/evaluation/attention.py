@@ -33,9 +33,12 @@ def attention_report(heatmaps: np.ndarray, labels: np.ndarray, bodies: np.ndarra
     """Mean share of Grad-CAM mass inside the body and the lungs, over all test images and per class.
 
     All-zero maps (no positive evidence anywhere) have no share and are counted apart; images where no lung was
-    found count as 0 inside the lungs, since the mass then lies wherever the lungs are not.
+    found count as 0 inside the lungs, since the mass then lies wherever the lungs are not. `lung_area_share`
+    and `body_area_share` are what a uniform heatmap would score on the same images (the masks' share of the
+    input): a share is evidence of looking at the lungs only by how far it rises above its area.
     """
     body_shares, lung_shares, classes = [], [], []
+    body_areas, lung_areas = [], []
     zero_maps = 0
     for heatmap, label, body, lung in zip(heatmaps, labels, bodies, lungs, strict=True):
         in_body = mask_share(heatmap, body)
@@ -44,6 +47,8 @@ def attention_report(heatmaps: np.ndarray, labels: np.ndarray, bodies: np.ndarra
             continue
         body_shares.append(in_body)
         lung_shares.append(mask_share(heatmap, lung))
+        body_areas.append(float(np.mean(body)))
+        lung_areas.append(float(np.mean(lung)))
         classes.append(int(label))
     classes_array = np.asarray(classes, int)
     by_class = {}
@@ -52,7 +57,8 @@ def attention_report(heatmaps: np.ndarray, labels: np.ndarray, bodies: np.ndarra
         by_class[name.lower()] = {"images": int(len(members)),
                                   "in_body_share": _mean([body_shares[i] for i in members]),
                                   "in_lung_share": _mean([lung_shares[i] for i in members])}
-    return {"in_body_share": _mean(body_shares), "in_lung_share": _mean(lung_shares), "by_class": by_class,
+    return {"in_body_share": _mean(body_shares), "in_lung_share": _mean(lung_shares),
+            "body_area_share": _mean(body_areas), "lung_area_share": _mean(lung_areas), "by_class": by_class,
             "images": int(len(heatmaps)), "zero_maps": zero_maps,
             "lungs_not_found": int(sum(not lung.any() for lung in lungs))}
 
