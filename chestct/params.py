@@ -344,6 +344,7 @@ class EvaluateParams(Section):
     gradcam_images: NonNegativeInt
     attention: bool
     robustness: RobustnessParams
+    audit_max_train_images: Annotated[int, Field(ge=2)] | None = None
 
 
 class ExportParams(Section):

@@ -12,6 +12,7 @@ from chestct.evaluation.attention import anatomy_masks, attention_report, outlin
 from chestct.evaluation.gradcam import gradcam, overlay
 from chestct.evaluation.input_cues import input_shortcut_audit
 from chestct.evaluation.robustness import build_perturbations, raw_reference, robustness_report
+from chestct.evaluation.sampling import audit_rows
 from chestct.evaluation.scoring import (
     FEW_DISTINCT_NORMALS,
     distinct_slices,
@@ -71,7 +72,10 @@ def main() -> None:
     params = load_params()
     settings, seed = params.evaluate, params.seed
     model = load_trained_model(MODEL)
-    train, valid, test = (load_split(PROCESSED / split).in_memory() for split in ("train", "valid", "test"))
+    valid, test = (load_split(PROCESSED / split).in_memory() for split in ("valid", "test"))
+    # The audits' train side: every train image, or a seeded sample of evaluate.audit_max_train_images.
+    whole_train = load_split(PROCESSED / "train")
+    train = whole_train.take(audit_rows(whole_train.labels, settings.audit_max_train_images, seed))
     manifest = pd.read_csv(MANIFEST, keep_default_na=False)
     batch = params.train.validation_batch_size
 
@@ -89,7 +93,8 @@ def main() -> None:
         "valid": split_metrics(valid, valid_scores, threshold, settings, seed) | distinct_slices(valid, manifest),
         "test_leak_free": split_metrics(test, test_scores, threshold, settings, seed, members=leak_free),
         "shortcut": shortcut_audit(model, train, test, test_scores, manifest, train_gray, test_gray, settings, batch)
-        | input_shortcut_audit(train.images, train.labels, test.images, test.labels, settings.histogram_bins),
+        | input_shortcut_audit(train.images, train.labels, test.images, test.labels, settings.histogram_bins)
+        | {"train_images": len(train), "train_images_total": len(whole_train)},
     }
     attention_maps = None
     if settings.attention:
@@ -124,6 +129,9 @@ def _print_summary(metrics: dict, choice: dict) -> None:
           f"sensitivity {t['sensitivity']:.3f}, specificity {t['specificity']:.3f}")
     print(f"  leak-free n={lf['n']} ({lf['n_normal']} normal): sensitivity {lf['sensitivity']:.3f}, "
           f"specificity {lf['specificity']}")
+    if sc["train_images"] < sc["train_images_total"]:
+        print(f"  shortcut audit on a sample of {sc['train_images']} of {sc['train_images_total']} train images "
+              "(evaluate.audit_max_train_images)")
     print(f"  shortcuts on the stored files: intensity {sc['intensity_std_auc']}, histogram {sc['histogram_auc']}, "
           f"geometry {sc['geometry_auc']}; model on histogram-matched test {sc['hist_matched_model_auc']}")
     inputs = ", ".join(f"{key[6:-4]} {value:.3f}" for key, value in sc.items()

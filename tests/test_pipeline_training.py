@@ -112,6 +112,7 @@ def test_evaluate_writes_metrics_threshold_and_plots(evaluated_repo):
                                         "hist_matched_model_auc", "input_intensity_std_auc", "input_histogram_auc",
                                         "input_border_auc", "input_geometry_auc", "input_noise_auc",
                                         "input_sharpness_auc"}
+    assert metrics["shortcut"]["train_images"] == metrics["shortcut"]["train_images_total"]  # no cap reached
     attention = metrics["attention"]
     assert 0.0 <= attention["in_lung_share"] <= attention["in_body_share"] <= 1.0
     assert 0.0 <= attention["lung_area_share"] <= attention["body_area_share"] <= 1.0
@@ -138,9 +139,13 @@ def test_branches_compare_with_metrics_and_params_diff(evaluated_repo):
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-q", "-m", "youden threshold"], repo)
     run(["git", "checkout", "-q", "-b", "fixed-threshold"], repo)
-    update_params(repo, {"evaluate": {"threshold": {"method": "fixed", "fixed": 0.05}}})
+    # The branch also caps the audits' train side, so the sampled audit runs end to end.
+    update_params(repo, {"evaluate": {"threshold": {"method": "fixed", "fixed": 0.05}, "audit_max_train_images": 100}})
     rerun = run(["dvc", "repro"], repo)
     assert "Running stage 'evaluate'" in rerun.stdout
+    shortcut = json.loads((repo / "metrics/eval.json").read_text())["shortcut"]
+    assert shortcut["train_images"] == 100 < shortcut["train_images_total"]
+    assert f"a sample of 100 of {shortcut['train_images_total']} train images" in rerun.stdout
     assert "Running stage 'train_phase" not in rerun.stdout and "Running stage 'preprocess'" not in rerun.stdout
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-q", "-m", "fixed threshold"], repo)

@@ -82,6 +82,12 @@ class SplitArrays:
         unstandardised = None if self.unstandardised is None else np.asarray(self.unstandardised)
         return replace(self, images=np.asarray(self.images), unstandardised=unstandardised)
 
+    def take(self, rows: np.ndarray) -> SplitArrays:
+        """The given rows only, read into memory (from the shards, only those rows are read)."""
+        unstandardised = None if self.unstandardised is None else self.unstandardised[rows]
+        return SplitArrays(images=self.images[rows], labels=self.labels[rows], subtypes=self.subtypes[rows],
+                           ids=self.ids[rows], unstandardised=unstandardised)
+
 
 def split_folder(processed: str | Path, split: str) -> Path:
     return Path(processed) / split
