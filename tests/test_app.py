@@ -92,6 +92,7 @@ def test_health_and_model_info(client, tiny_export):
     assert info["format"] == "keras" and info["sha256"] == metadata["artifacts"]["keras"]["sha256"]
     assert info["threshold"] == metadata["threshold"] and info["image_size"] == 64
     assert info["gradcam_available"] is True and info["limits"]["max_files"] == 16
+    assert info["preprocess"] == metadata["preprocess"] and info["source"] == metadata["source"]
 
 
 def test_openapi_documents_the_endpoints(client):

@@ -147,3 +147,24 @@ def test_a_schema_2_0_file_without_left_out_formats_still_reads(default_params, 
     metadata = read_metadata(tmp_path)
     assert metadata.schema_version == "2.0" and metadata.left_out_formats == {}
     assert "left out" not in render_model_card(metadata, None)
+
+
+def test_the_model_card_describes_the_preprocessing_that_ran_and_where_the_export_came_from(default_params):
+    """The card's input line follows the params (the lesion configuration's crop, denoising and equalisation,
+    the original's CLAHE), and names the commit and registered version it was built from."""
+    from tests.conftest import ORIGINAL_CONFIGURATION, _deep_update
+
+    card = render_model_card(_metadata(default_params, None), None)
+    assert "crop to the lung fields (margin 0.05, zero outside the body)" in card
+    assert "nlmeans denoising at 2x the slice's noise" in card and "noise floor" not in card
+    assert "histogram equalisation inside the body" in card and "CLAHE" not in card
+    assert "Built from an unknown commit" in card
+    original = _deep_update(default_params, ORIGINAL_CONFIGURATION)
+    source = {"git_revision": "0123456789abcdef0123", "artifact_version": "v1.0.0"}
+    artifact = {"file": "chestct.keras", "sha256": "0" * 64, "bytes": 1000}
+    metadata = build_metadata(original, threshold_record({"threshold": 0.5, "method": "fixed"}, original),
+                              {"keras": artifact}, {}, 64, None, None, source)
+    card = render_model_card(metadata, None)
+    assert "after decode to grayscale, CLAHE (clip 2, 8 tiles a side), pad to " in card
+    assert "crop to" not in card and "denoising" not in card and "equalisation" not in card
+    assert "Built from commit `0123456789ab`, registered as v1.0.0." in card

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from chestct.export.metadata import ExportMetadata
+from chestct.params import PreprocessParams
 
 MODEL_CARD_FILE = "MODEL_CARD.md"
 
@@ -74,6 +75,38 @@ def _limitations(metadata: ExportMetadata, data: dict) -> list[str]:
     return lines
 
 
+def preprocessing_steps(preprocess: PreprocessParams) -> list[str]:
+    """The deterministic preprocessing in the order chestct.imaging.preprocess applies it, in words."""
+    steps = ["decode to grayscale"]
+    if preprocess.crop != "none":
+        steps.append(f"crop to the {'lung fields' if preprocess.crop == 'lungs' else 'body'} "
+                     f"(margin {preprocess.crop_margin:g}, zero outside the body)")
+    if preprocess.clahe.enabled:
+        steps.append(f"CLAHE (clip {preprocess.clahe.clip_limit:g}, {preprocess.clahe.tile_grid} tiles a side)")
+    if preprocess.window.enabled:
+        steps.append(f"window {preprocess.window.center:g}/{preprocess.window.width:g}")
+    steps.append(f"{preprocess.resize_mode} to {preprocess.image_size} px")
+    denoise = preprocess.denoise
+    if denoise.method != "none":
+        steps.append(f"{denoise.method} denoising at {denoise.strength:g}x the slice's noise")
+    if denoise.renoise:
+        steps.append(f"a fixed noise floor of {denoise.renoise:g} grey levels")
+    if preprocess.intensity == "equalise_in_mask":
+        steps.append("histogram equalisation inside the body")
+    elif preprocess.intensity == "percentile":
+        low, high = preprocess.percentile
+        steps.append(f"percentiles {low:g}-{high:g} inside the body mapped to 1-255")
+    return steps
+
+
+def _source_line(metadata: ExportMetadata) -> str:
+    source = metadata.source
+    if source.git_revision is None:
+        return "an unknown commit (not a git checkout, or an export older than schema 2.2)"
+    version = f", registered as {source.artifact_version}" if source.artifact_version else ""
+    return f"commit `{source.git_revision[:12]}`{version}"
+
+
 def render_model_card(metadata: ExportMetadata, data_metrics: dict | None) -> str:
     data = data_metrics or {}
     settings = metadata.evaluation
@@ -92,13 +125,7 @@ def render_model_card(metadata: ExportMetadata, data_metrics: dict | None) -> st
     skipped += _left_out_lines(metadata)
     if skipped:
         skipped = "\n" + skipped  # a blank line ends the table before the list
-    preprocess = metadata.preprocess
-    steps = ["decode to grayscale"]
-    if preprocess.clahe.enabled:
-        steps.append(f"CLAHE (clip {preprocess.clahe.clip_limit:g}, {preprocess.clahe.tile_grid} tiles a side)")
-    if preprocess.window.enabled:
-        steps.append(f"window {preprocess.window.center:g}/{preprocess.window.width:g}")
-    steps.append(f"{preprocess.resize_mode} to {preprocess.image_size} px")
+    steps = preprocessing_steps(metadata.preprocess)
     limitations = "\n".join(f"- {line}" for line in _limitations(metadata, data))
     versions = ", ".join(f"{name} {version}" for name, version in metadata.versions.items())
     return f"""# Model card: chestct ({metadata.backbone})
@@ -115,6 +142,7 @@ Backbone {metadata.backbone} (initial weights: {metadata.weights}), channel and 
 phase 1 with the backbone frozen, phase 2 fine-tuning its last layers; model selection on the exact validation
 ROC AUC. Input: {metadata.input.shape} {metadata.input.dtype} after {", ".join(steps)}.
 Params digest `{metadata.params_sha256[:16]}…`; written by {versions}.
+Built from {_source_line(metadata)}.
 
 ## Operating point
 Threshold {_fmt(metadata.threshold, 4)} ({metadata.threshold_method}), chosen on the {metadata.threshold_chosen_on}

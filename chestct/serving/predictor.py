@@ -230,4 +230,6 @@ class Predictor:
                 "image_size": self.image_size, "gradcam_available": self.gradcam_available,
                 "load_report": self.load_report, "metrics": self.metadata.metrics,
                 "schema_version": self.metadata.schema_version, "versions": self.metadata.versions,
+                "preprocess": self.metadata.preprocess.model_dump(mode="json"),
+                "source": self.metadata.source.model_dump(mode="json"),
                 "limits": self.serve_params.model_dump(mode="json")}
