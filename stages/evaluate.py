@@ -72,9 +72,10 @@ def main() -> None:
     params = load_params()
     settings, seed = params.evaluate, params.seed
     model = load_trained_model(MODEL)
-    valid, test = (load_split(PROCESSED / split).in_memory() for split in ("valid", "test"))
+    # Only the model's input: nothing here reads the unstandardised images photometric training starts from.
+    valid, test = (load_split(PROCESSED / split, unstandardised=False).in_memory() for split in ("valid", "test"))
     # The audits' train side: every train image, or a seeded sample of evaluate.audit_max_train_images.
-    whole_train = load_split(PROCESSED / "train")
+    whole_train = load_split(PROCESSED / "train", unstandardised=False)
     train = whole_train.take(audit_rows(whole_train.labels, settings.audit_max_train_images, seed))
     manifest = pd.read_csv(MANIFEST, keep_default_na=False)
     batch = params.train.validation_batch_size

@@ -55,3 +55,14 @@ def test_taking_rows_from_shards_reads_exactly_those_rows(tmp_path):
     np.testing.assert_array_equal(taken.unstandardised, arrays["unstandardised"][rows])
     assert taken.ids.tolist() == arrays["ids"][rows].tolist()
     assert taken.labels.tolist() == arrays["labels"][rows].tolist()
+
+
+def test_evaluation_can_open_a_split_without_its_unstandardised_images(tmp_path):
+    """Evaluation and export read the model's input only: the unstandardised shards are not opened or read."""
+    arrays = make_split()
+    save_processed(tmp_path, {"train": arrays}, shard_images=4)
+    split = load_split(tmp_path / "train", unstandardised=False)
+    assert split.unstandardised is None and load_split(tmp_path / "train").unstandardised is not None
+    taken = split.take(audit_rows(split.labels, 10, seed=1))
+    assert taken.unstandardised is None
+    np.testing.assert_array_equal(split.in_memory().images, arrays["images"])

@@ -93,14 +93,18 @@ def split_folder(processed: str | Path, split: str) -> Path:
     return Path(processed) / split
 
 
-def load_split(folder: str | Path) -> SplitArrays:
-    """Open one `data/processed/<split>/`; a missing or malformed split fails with its name and a way out."""
+def load_split(folder: str | Path, unstandardised: bool = True) -> SplitArrays:
+    """Open one `data/processed/<split>/`; a missing or malformed split fails with its name and a way out.
+
+    `unstandardised=False` leaves out what only photometric training reads: evaluation and export then read (and
+    hold in memory) the model's input alone, not a second array of the same size."""
     folder = Path(folder)
     try:
         layout, index = read_layout(folder)
     except ShardError as exc:
         raise SplitFileError(str(exc)) from None
-    fields = {field: ShardedImages(layout, index, field) for field in layout.fields}
+    wanted = [field for field in layout.fields if unstandardised or field != "unstandardised"]
+    fields = {field: ShardedImages(layout, index, field) for field in wanted}
     try:
         return SplitArrays(images=fields["images"], unstandardised=fields.get("unstandardised"),
                            labels=index["label"].to_numpy(dtype=np.int64),
