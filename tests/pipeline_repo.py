@@ -36,7 +36,11 @@ def project_files() -> list[str]:
     return [f for f in listed if (PROJECT_ROOT / f).is_file()]
 
 
-def run(command: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+RUN_TIMEOUT_S = 900  # far above any one command here (a whole tiny `dvc repro` takes a few minutes)
+
+
+def command_env() -> dict[str, str]:
+    """The environment the tests run dvc and the stages in: this venv first, a git identity, quiet TensorFlow."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("GIT_AUTHOR_NAME", "chestct tests")
@@ -44,7 +48,19 @@ def run(command: list[str], cwd: Path, check: bool = True) -> subprocess.Complet
     env.setdefault("GIT_COMMITTER_NAME", "chestct tests")
     env.setdefault("GIT_COMMITTER_EMAIL", "tests@chestct.invalid")
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    return env
+
+
+def run(command: list[str], cwd: Path, check: bool = True, timeout: float = RUN_TIMEOUT_S
+        ) -> subprocess.CompletedProcess:
+    """Run a command to its end and return its output. A command still running after `timeout` seconds fails the
+    test with what it printed, so a hung dvc call cannot stall the whole suite; no prompt can wait on stdin."""
+    try:
+        result = subprocess.run(command, cwd=cwd, env=command_env(), capture_output=True, text=True,
+                                stdin=subprocess.DEVNULL, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        printed = "\n".join(_text(stream)[-4000:] for stream in (exc.stdout, exc.stderr))
+        raise AssertionError(f"{' '.join(command)} was still running after {timeout:.0f} s:\n{printed}") from None
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -68,3 +84,10 @@ def make_pipeline_repo(destination: Path, overrides: dict | None = None) -> Path
     run(["git", "add", "-A"], destination)
     run(["git", "commit", "-q", "-m", "pipeline under test"], destination)
     return destination
+
+
+def _text(stream: bytes | str | None) -> str:
+    """TimeoutExpired keeps what a command printed as bytes, whatever `text` asked for."""
+    if stream is None:
+        return ""
+    return stream.decode(errors="replace") if isinstance(stream, bytes) else stream
