@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# gto configures logging when first imported (logging.config.dictConfig), closing every handler that exists then;
+# absl's closes its stream with it, which inside a test is pytest's capture of stderr (the in-process stage run in
+# test_dvc_contract.py then lost it). Imported here, before any handler exists, it closes nothing.
+import gto  # noqa: F401
 import pytest
 
 import chestct  # noqa: F401  (sets TensorFlow's runtime options, before any test module imports it)

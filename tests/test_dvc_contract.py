@@ -25,7 +25,7 @@ WEB_FRAMEWORKS = ("fastapi", "starlette")  # a module importing one of these at 
 
 # Tiny settings on top of pipeline_repo.TINY_OVERRIDES: every stage runs, as fast as possible.
 PIPELINE_OVERRIDES = {
-    "model": {"backbone": "densenet121", "weights": None},  # no ImageNet download
+    "model": {"backbone": "mobilenetv3small", "weights": None},  # the smallest backbone; no ImageNet download
     # One worker: preprocessing runs in this process, where the reads are recorded (a Pool child's are lost).
     "preprocess": {"image_size": 32, "workers": 1},
     "train": {"steps_per_epoch": 2, "phase1": {"epochs": 1}, "phase2": {"epochs": 1}},

@@ -4,12 +4,13 @@ stage itself runs in test_export_stage.py, the whole pipeline in the end-to-end 
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
 
 from chestct.evaluation.thresholds import threshold_record
-from chestct.export.formats import NothingToExportError, UnknownFormatError, planned_formats
+from chestct.export.formats import NothingToExportError, UnknownFormatError, planned_formats, quiet_output
 from chestct.export.metadata import SCHEMA_VERSION, build_metadata, read_metadata, write_metadata
 from chestct.export.model_card import render_model_card
 from chestct.export.parity import (
@@ -168,3 +169,19 @@ def test_the_model_card_describes_the_preprocessing_that_ran_and_where_the_expor
     assert "after decode to grayscale, CLAHE (clip 2, 8 tiles a side), pad to " in card
     assert "crop to" not in card and "denoising" not in card and "equalisation" not in card
     assert "Built from commit `0123456789ab`, registered as v1.0.0." in card
+
+
+def test_silencing_the_export_leaves_no_logging_handler_on_the_closed_null_device(monkeypatch):
+    """TensorFlow's SavedModel writer logs through absl, whose first line calls logging.basicConfig() in a fresh
+    process: made while the export is silenced, that handler held the closed null device and failed every later
+    log line (and pytest's own report with it)."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # as in a fresh process, where basicConfig() adds a handler
+    named = logging.getLogger("chestct.tests.quiet")
+    with quiet_output():
+        logging.basicConfig()
+        named.addHandler(logging.StreamHandler())  # any handler made on the stand-in stderr
+        logging.getLogger("chestct.tests.quiet").warning("silenced")
+    handlers = root.handlers + named.handlers
+    assert not [handler for handler in handlers if getattr(handler, "stream", None) and handler.stream.closed]
+    named.warning("a log line after the export still works")

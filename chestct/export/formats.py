@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import sys
@@ -88,6 +89,17 @@ def quiet_output():
             os.dup2(saved[1], 2)
             for descriptor in saved:
                 os.close(descriptor)
+            _drop_handlers_on(devnull)
+
+
+def _drop_handlers_on(stream) -> None:
+    """Remove the logging handlers created on `stream` while it stood in for stderr. absl's first log line calls
+    logging.basicConfig(), whose handler would otherwise keep the closed null device and fail every later log."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in list(getattr(logger, "handlers", [])):  # loggerDict also holds placeholders
+            if getattr(handler, "stream", None) is stream:
+                logger.removeHandler(handler)
 
 
 class SavedModelSource:
