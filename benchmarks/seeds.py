@@ -47,6 +47,8 @@ FIGURES = [
     ("Grad-CAM share in the body", "eval", "attention.in_body_share"),
     ("Grad-CAM share in the lungs", "eval", "attention.in_lung_share"),
     ("lungs' share of the input (uniform map)", "eval", "attention.lung_area_share"),
+    ("test AUC, lungs alone", "eval", "attention.ablation.lungs_only.auc"),
+    ("test AUC, lungs emptied", "eval", "attention.ablation.lungs_emptied.auc"),
 ]
 
 

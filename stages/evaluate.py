@@ -8,6 +8,7 @@ import pandas as pd
 
 from chestct.atomic_io import write_json
 from chestct.evaluation import plots
+from chestct.evaluation.ablation import ablation_report
 from chestct.evaluation.attention import anatomy_masks, attention_report, outline
 from chestct.evaluation.gradcam import gradcam, overlay
 from chestct.evaluation.input_cues import input_shortcut_audit
@@ -100,7 +101,10 @@ def main() -> None:
     attention_maps = None
     if settings.attention:
         attention_maps = (gradcam(model, test.images), *anatomy_masks(test.images))
-        metrics["attention"] = attention_report(attention_maps[0], test.labels, *attention_maps[1:])
+        metrics["attention"] = attention_report(attention_maps[0], test.labels, *attention_maps[1:]) | {
+            "ablation": ablation_report(lambda images: predict_scores(model, images, batch), test.images,
+                                        test.labels, attention_maps[2], settings.confidence_level,
+                                        settings.bootstrap_resamples, seed)}
     if settings.robustness.enabled:
         metrics["robustness"] = _robustness(model, train_gray, test_gray, test, metrics["test"]["auc"], threshold,
                                             params)
@@ -143,6 +147,9 @@ def _print_summary(metrics: dict, choice: dict) -> None:
         print(f"  Grad-CAM mass in the body {a['in_body_share']}, in the lungs {a['in_lung_share']} "
               f"(a uniform map: {a['body_area_share']}, {a['lung_area_share']}; {a['zero_maps']} all-zero maps, "
               f"lungs not found in {a['lungs_not_found']})")
+        ablation = a["ablation"]
+        print(f"  test AUC on the lungs alone {ablation['lungs_only']['auc']}, with the lungs emptied "
+              f"{ablation['lungs_emptied']['auc']} (a lesion detector keeps the first and loses the second)")
     if "robustness" in metrics:
         r = metrics["robustness"]
         print(f"  robustness: worst AUC {r['worst_auc']} under {r['worst']} (clean {r['clean_auc']})")

@@ -92,6 +92,16 @@ def percentile_interval(values: np.ndarray, level: float, axis: int = 0) -> tupl
     return low, high
 
 
+def auc_with_interval(labels: np.ndarray, scores: np.ndarray, level: float, resamples: int, seed: int
+                      ) -> tuple[float | None, list[float] | None]:
+    """ROC AUC and its stratified bootstrap interval at `level`; (None, None) when one class is missing."""
+    labels, scores = np.asarray(labels, int), np.asarray(scores, np.float64)
+    if len(np.unique(labels)) < 2:
+        return None, None
+    low, high = percentile_interval(bootstrap_auc(labels, scores, resamples, seed), level)
+    return float(roc_auc_score(labels, scores)), [float(low), float(high)]
+
+
 def diagnostic_odds_ratio(tp: int, fp: int, fn: int, tn: int, level: float) -> dict:
     """DOR = (tp*tn)/(fp*fn) with Woolf's interval; Haldane-Anscombe +0.5 on every cell if any cell is 0."""
     cells = np.array([tp, fp, fn, tn], dtype=float)
@@ -151,14 +161,10 @@ def binary_metrics(
     fp = int(np.sum((predictions == 1) & (y == 0)))
     tn = n_normal - fp
 
+    auc, auc_ci = auc_with_interval(y, s, level, resamples, seed)
     if both_classes:
-        auc = float(roc_auc_score(y, s))
-        low, high = percentile_interval(bootstrap_auc(y, s, resamples, seed), level)
-        auc_ci = [float(low), float(high)]
         dor = diagnostic_odds_ratio(tp, fp, fn, tn, level)
-    else:
-        # One class: AUC is undefined and a DOR would only measure the 0.5 correction.
-        auc = auc_ci = None
+    else:  # one class: AUC is undefined and a DOR would only measure the 0.5 correction
         dor = {"dor": None, "dor_ci": None, "dor_corrected": None}
 
     sensitivity = _ratio(tp, n_cancer)

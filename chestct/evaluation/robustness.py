@@ -19,10 +19,9 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from chestct.decision import decide
-from chestct.evaluation.metrics import bootstrap_auc, percentile_interval
+from chestct.evaluation.metrics import auc_with_interval
 from chestct.evaluation.shortcuts import match_to_reference, reference_quantiles
 from chestct.imaging.preprocess import preprocess_gray
 from chestct.params import PreprocessParams, RobustnessParams
@@ -174,19 +173,15 @@ def robustness_report(predict: Callable[[np.ndarray], np.ndarray], grays: Sequen
     over the suite and `worst` its name; `worst_drop` how far that lies below the clean AUC.
     """
     labels = np.asarray(labels, int)
-    both = len(np.unique(labels)) == 2
     report: dict = {"perturbations": {}}
     for perturbation in suite:
         scores = np.asarray(predict(perturbed_inputs(grays, perturbation, preprocess, seed)), np.float64)
         decisions = decide(scores, threshold)
-        entry = {"auc": None, "auc_ci": None,
-                 "sensitivity": float(decisions[labels == 1].mean()) if np.any(labels == 1) else None,
-                 "specificity": float(1 - decisions[labels == 0].mean()) if np.any(labels == 0) else None}
-        if both:
-            entry["auc"] = float(roc_auc_score(labels, scores))
-            low, high = percentile_interval(bootstrap_auc(labels, scores, resamples, seed), level)
-            entry["auc_ci"] = [float(low), float(high)]
-        report["perturbations"][perturbation.name] = entry
+        auc, auc_ci = auc_with_interval(labels, scores, level, resamples, seed)
+        report["perturbations"][perturbation.name] = {
+            "auc": auc, "auc_ci": auc_ci,
+            "sensitivity": float(decisions[labels == 1].mean()) if np.any(labels == 1) else None,
+            "specificity": float(1 - decisions[labels == 0].mean()) if np.any(labels == 0) else None}
     scored = {name: entry["auc"] for name, entry in report["perturbations"].items() if entry["auc"] is not None}
     worst = min(scored, key=scored.get) if scored else None
     report["clean_auc"] = clean_auc
