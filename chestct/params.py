@@ -116,6 +116,9 @@ class PreprocessParams(Section):
     resize_mode: Literal["pad", "stretch"]
     crop: Literal["none", "body", "lungs"]
     crop_margin: Annotated[float, Field(ge=0.0, le=0.5)]
+    # Exports made before the lung mask existed carry neither key: they kept the body.
+    mask: Literal["body", "lungs"] = "body"
+    mask_margin: Annotated[float, Field(ge=0.0, le=0.25)] = 0.0
     clahe: ClaheParams
     window: WindowParams
     denoise: DenoiseParams
@@ -128,6 +131,13 @@ class PreprocessParams(Section):
     def _percentiles_ordered(self) -> PreprocessParams:
         if self.percentile[0] >= self.percentile[1]:
             raise ValueError(f"percentile must be [low, high] with low < high, got {list(self.percentile)}")
+        return self
+
+    @model_validator(mode="after")
+    def _lung_mask_needs_lung_crop(self) -> PreprocessParams:
+        if self.mask == "lungs" and self.crop != "lungs":
+            raise ValueError(f"mask: lungs keeps the lung fields found while cropping to them; set crop: lungs "
+                             f"(got crop: {self.crop}) or mask: body")
         return self
 
 

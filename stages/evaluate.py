@@ -53,15 +53,15 @@ def _robustness(model, train_gray, test_gray, test, clean_auc, threshold, params
             "worst": report["worst"], "worst_drop": report["worst_drop"]}
 
 
-def _gradcam_grid(model, test, test_scores, threshold, settings, attention_maps) -> None:
+def _gradcam_grid(model, test, test_scores, threshold, settings, attention_maps, kept) -> None:
     """The TP/FP/TN/FN grid; `attention_maps` (heatmaps, bodies, lungs of every test image) when the attention
-    audit already computed them, else None and only the picked images are computed."""
+    audit already computed them, else None and only the picked images are computed; `kept` is preprocess.mask."""
     picks = gradcam_selection(test.labels, test_scores, threshold, settings.gradcam_images)
     if not picks:
         return
     indices = [index for index, _ in picks]
     if attention_maps is None:
-        heatmaps, (bodies, lungs) = gradcam(model, test.images[indices]), anatomy_masks(test.images[indices])
+        heatmaps, (bodies, lungs) = gradcam(model, test.images[indices]), anatomy_masks(test.images[indices], kept)
     else:
         heatmaps, bodies, lungs = (maps[indices] for maps in attention_maps)
     tiles = [(outline(overlay(test.images[index], heatmap), body, lung), f"{kind} p={test_scores[index]:.2f}")
@@ -100,7 +100,7 @@ def main() -> None:
     }
     attention_maps = None
     if settings.attention:
-        attention_maps = (gradcam(model, test.images), *anatomy_masks(test.images))
+        attention_maps = (gradcam(model, test.images), *anatomy_masks(test.images, params.preprocess.mask))
         metrics["attention"] = attention_report(attention_maps[0], test.labels, *attention_maps[1:]) | {
             "ablation": ablation_report(lambda images: predict_scores(model, images, batch), test.images,
                                         test.labels, attention_maps[2], settings.confidence_level,
@@ -117,7 +117,7 @@ def main() -> None:
     plots.score_histogram_png(PLOTS / "scores.png", test.labels, test_scores, threshold)
     plots.confusion_png(PLOTS / "confusion.png", metrics["test"])
     plots.calibration_png(PLOTS / "calibration.png", curves)
-    _gradcam_grid(model, test, test_scores, threshold, settings, attention_maps)
+    _gradcam_grid(model, test, test_scores, threshold, settings, attention_maps, params.preprocess.mask)
     _print_summary(metrics, choice)
 
 

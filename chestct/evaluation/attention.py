@@ -14,8 +14,15 @@ from chestct.imaging.anatomy import body_mask, lung_mask, mask_share
 from chestct.labels import CLASS_NAMES
 
 
-def anatomy_masks(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(body, lungs): boolean (N, S, S) masks of the processed images (N, S, S, 1)."""
+def anatomy_masks(images: np.ndarray, kept: str = "body") -> tuple[np.ndarray, np.ndarray]:
+    """(body, lungs): boolean (N, S, S) masks of the processed images (N, S, S, 1).
+
+    `kept` is `preprocess.mask`. With "lungs" the preprocessing already zeroed everything outside the lung fields,
+    so the non-zero pixels are both masks (finding lungs again inside them would only find their dark parts).
+    """
+    if kept == "lungs":
+        inside = np.asarray(images)[..., 0] > 0
+        return inside, inside.copy()
     bodies, lungs = [], []
     for image in images:
         plane = image[..., 0]

@@ -75,12 +75,18 @@ def _limitations(metadata: ExportMetadata, data: dict) -> list[str]:
     return lines
 
 
+def _zeroed(preprocess: PreprocessParams) -> str:
+    if preprocess.mask == "lungs":
+        return f"zero outside the lung fields grown by {preprocess.mask_margin:g} (the body where none is found)"
+    return "zero outside the body"
+
+
 def preprocessing_steps(preprocess: PreprocessParams) -> list[str]:
     """The deterministic preprocessing in the order chestct.imaging.preprocess applies it, in words."""
     steps = ["decode to grayscale"]
     if preprocess.crop != "none":
         steps.append(f"crop to the {'lung fields' if preprocess.crop == 'lungs' else 'body'} "
-                     f"(margin {preprocess.crop_margin:g}, zero outside the body)")
+                     f"(margin {preprocess.crop_margin:g}, {_zeroed(preprocess)})")
     if preprocess.clahe.enabled:
         steps.append(f"CLAHE (clip {preprocess.clahe.clip_limit:g}, {preprocess.clahe.tile_grid} tiles a side)")
     if preprocess.window.enabled:

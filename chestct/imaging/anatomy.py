@@ -113,14 +113,21 @@ def mask_share(heatmap: np.ndarray, mask: np.ndarray) -> float | None:
     return None if total <= 0 else float(heatmap[np.asarray(mask, bool)].sum() / total)
 
 
-def crop_box(gray: np.ndarray, mode: str, margin: float) -> tuple[tuple[int, int, int, int], np.ndarray, str]:
-    """The box to crop to ((x0, y0, x1, y1), end-exclusive), the body mask, and what the box was built from.
+def crop_box(gray: np.ndarray, mode: str, margin: float, keep: str = "body",
+             keep_margin: float = 0.0) -> tuple[tuple[int, int, int, int], np.ndarray, str]:
+    """The box to crop to ((x0, y0, x1, y1), end-exclusive), the mask of what to keep, and what the box was built
+    from.
 
     mode "lungs": the lung fields' bounding box, falling back to the body's when no lung is found; "body": the
     body's. `margin` (a fraction of the box's longer side) is added on every side, within the image. Without a
     body (an all-black image) the box is the whole image; what it was built from is "lungs", "body" or "image".
+    keep "body" returns the body mask; "lungs" (with mode "lungs") the lung fields grown by `keep_margin` (a
+    fraction of the image's shorter side, so a nodule or mass on the lung wall stays in) within the body, or the
+    body where no lung was found.
     """
     gray = _as_2d_uint8(gray)
+    if keep == "lungs" and mode != "lungs":
+        raise ValueError(f"keeping the lung fields needs the crop to the lungs, got crop mode {mode!r}")
     height, width = gray.shape
     body = body_mask(gray)
     region, found = body, "body"
@@ -130,8 +137,20 @@ def crop_box(gray: np.ndarray, mode: str, margin: float) -> tuple[tuple[int, int
             region, found = lungs, "lungs"
     if not region.any():
         return (0, 0, width, height), np.ones(gray.shape, bool), "image"
+    kept = body
+    if keep == "lungs" and found == "lungs":
+        kept = grow(region, gray, keep_margin) & body
     x, y, box_w, box_h = cv2.boundingRect(region.astype(np.uint8))
     pad = int(round(margin * max(box_w, box_h)))
     x0, y0 = max(0, x - pad), max(0, y - pad)
     x1, y1 = min(width, x + box_w + pad), min(height, y + box_h + pad)
-    return (x0, y0, x1, y1), body, found
+    return (x0, y0, x1, y1), kept, found
+
+
+def grow(mask: np.ndarray, gray: np.ndarray, fraction: float) -> np.ndarray:
+    """`mask` dilated by `fraction` of the image's shorter side (unchanged for 0)."""
+    if fraction <= 0:
+        return np.asarray(mask, bool)
+    size = max(1, int(round(2 * fraction * min(gray.shape)))) | 1  # a disc of radius ~fraction x side
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+    return cv2.dilate(np.asarray(mask, np.uint8), kernel).astype(bool)

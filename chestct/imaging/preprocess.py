@@ -1,7 +1,8 @@
 """THE deterministic preprocessing: any image file -> the model's uint8 input.
 
 decode (any PNG/JPEG mode, or DICOM through a Hounsfield window; the type read from the bytes) -> grayscale
-uint8 -> optional crop to the anatomy (the lung fields' or the body's box, zero outside the body) -> CLAHE ->
+uint8 -> optional crop to the anatomy (the lung fields' or the body's box, zero outside the body, or outside the
+lung fields with `mask: lungs`) -> CLAHE ->
 optional fixed window -> resize to a square (keeping the aspect ratio and padding, or stretching) -> optional
 denoising -> optional intensity standardisation inside the body -> uint8 (S, S, 1).
 
@@ -49,8 +50,9 @@ def prepare_gray(gray: np.ndarray, params: PreprocessParams) -> Prepared:
     """The deterministic steps after decoding, with what training and the crop report need besides the input."""
     found, mask = "none", None
     if params.crop != "none":
-        (x0, y0, x1, y1), body, found = crop_box(gray, params.crop, params.crop_margin)
-        gray, mask = np.ascontiguousarray(gray[y0:y1, x0:x1]), body[y0:y1, x0:x1]
+        (x0, y0, x1, y1), kept, found = crop_box(gray, params.crop, params.crop_margin, params.mask,
+                                                 params.mask_margin)
+        gray, mask = np.ascontiguousarray(gray[y0:y1, x0:x1]), kept[y0:y1, x0:x1]
     if params.clahe.enabled:
         gray = apply_clahe(gray, params.clahe.clip_limit, params.clahe.tile_grid)
     if params.window.enabled:
