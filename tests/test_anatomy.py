@@ -8,7 +8,7 @@ import pytest
 
 from chestct.data import phantoms
 from chestct.evaluation.robustness import gamma
-from chestct.imaging.anatomy import body_mask, lung_mask, mask_share
+from chestct.imaging.anatomy import body_mask, crop_box, grow, lung_mask, mask_share
 
 
 def phantom_with_truth(seed: int, size=(112, 128)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -102,3 +102,34 @@ def test_mask_share_by_hand():
     assert mask_share(np.zeros((4, 4)), mask) is None
     with pytest.raises(ValueError, match="differ in shape"):
         mask_share(np.ones((3, 3)), mask)
+
+
+def test_the_kept_lung_fields_grow_by_the_margin_and_stay_inside_the_body():
+    image, _, _ = phantom_with_truth(2)
+    body = body_mask(image)
+    lungs = lung_mask(image, body)
+    _, kept_body, found = crop_box(image, "lungs", 0.05)
+    _, tight, _ = crop_box(image, "lungs", 0.05, keep="lungs", keep_margin=0.0)
+    _, grown, _ = crop_box(image, "lungs", 0.05, keep="lungs", keep_margin=0.03)
+    assert found == "lungs"
+    np.testing.assert_array_equal(kept_body, body)
+    np.testing.assert_array_equal(tight, lungs)
+    assert (grown & tight).sum() == tight.sum() and grown.sum() > tight.sum() * 1.1  # grown, not moved
+    assert not (grown & ~body).any() and grown.sum() < body.sum()
+
+
+def test_keeping_the_lungs_falls_back_to_the_body_and_needs_the_lung_crop():
+    disc = np.zeros((80, 80), np.uint8)
+    disc[10:70, 10:70] = 150  # a body without any dark lung
+    _, kept, found = crop_box(disc, "lungs", 0.05, keep="lungs", keep_margin=0.02)
+    assert found == "body"
+    np.testing.assert_array_equal(kept, body_mask(disc))
+    with pytest.raises(ValueError, match="crop to the lungs"):
+        crop_box(disc, "body", 0.05, keep="lungs")
+
+
+def test_grow_by_zero_is_the_mask_itself():
+    mask = np.zeros((40, 40), bool)
+    mask[10:20, 10:20] = True
+    np.testing.assert_array_equal(grow(mask, mask.astype(np.uint8), 0.0), mask)
+    assert grow(mask, mask.astype(np.uint8), 0.05)[9, 15] and not grow(mask, mask.astype(np.uint8), 0.05)[5, 15]

@@ -93,6 +93,14 @@ def test_out_of_range_value_is_named(raw, path, value, message):
         parse_params(bad)
 
 
+def test_the_lung_mask_without_the_lung_crop_is_refused_naming_both_keys(raw):
+    raw["preprocess"].update({"crop": "body", "mask": "lungs"})
+    with pytest.raises(ParamsError, match=r"preprocess.*mask: lungs.*set crop: lungs \(got crop: body\)"):
+        parse_params(raw)
+    raw["preprocess"]["crop"] = "lungs"
+    assert parse_params(raw).preprocess.mask == "lungs"
+
+
 def test_missing_key_and_bad_fractions_are_named(raw):
     del raw["evaluate"]["bootstrap_resamples"]
     raw["split"]["fractions"] = {"train": 0.8, "valid": 0.1, "test": 0.2}

@@ -81,7 +81,7 @@ def test_the_anatomy_crop_and_standardisation_keep_server_and_cache_equal(repo, 
     from chestct.imaging.preprocess import preprocess_image
     from chestct.imaging.standardise import equalise_in_mask
 
-    changes = {"image_size": 48, "crop": "lungs", "intensity": "equalise_in_mask",
+    changes = {"image_size": 48, "crop": "lungs", "mask": "lungs", "mask_margin": 0.02, "intensity": "equalise_in_mask",
                "denoise": {"method": "nlmeans", "strength": 1.0, "renoise": 6.0}, "clahe": {"enabled": False}}
     update_params(repo, {"preprocess": changes})
     try:
@@ -104,6 +104,6 @@ def test_the_anatomy_crop_and_standardisation_keep_server_and_cache_equal(repo, 
             assert perturbed["images"].shape == clean["images"].shape
             assert not np.array_equal(perturbed["images"], clean["images"])
     finally:
-        update_params(repo, {"preprocess": {"image_size": 32, "crop": "none", "intensity": "none",
+        update_params(repo, {"preprocess": {"image_size": 32, "crop": "none", "mask": "body", "intensity": "none",
                                             "denoise": {"method": "none", "strength": 1.0, "renoise": 0.0},
                                             "clahe": {"enabled": True}}})

@@ -140,6 +140,31 @@ def test_the_lung_crop_falls_back_to_the_body_and_then_to_the_image(default_para
     assert prepare_gray(np.zeros((40, 40), np.uint8), new_params(default_params)).crop == "image"
 
 
+def test_the_lung_mask_keeps_only_the_grown_lung_fields(default_params, phantom):
+    """preprocess.mask lungs: the model's input is zero outside the lung fields (grown by mask_margin), so the
+    body build, the mediastinum and the chest wall stop being features; the equalisation runs on the lungs'
+    pixels, and training's TensorFlow twin still gives the same array from the cached unstandardised image."""
+    from chestct.evaluation.attention import anatomy_masks
+    from chestct.imaging.anatomy import crop_box, grow, lung_mask
+
+    body_kept = prepare_gray(phantom, new_params(default_params))
+    lungs_kept = prepare_gray(phantom, new_params(default_params, mask="lungs", mask_margin=0.02))
+    assert lungs_kept.crop == "lungs"
+    inside, body_inside = lungs_kept.image[..., 0] > 0, body_kept.image[..., 0] > 0
+    assert inside.sum() < 0.8 * body_inside.sum() and not (inside & ~body_inside).any()
+    np.testing.assert_array_equal(lungs_kept.image[..., 0], equalise_in_mask(lungs_kept.unstandardised))
+    redo = standardise_tf(new_params(default_params, mask="lungs"))
+    redone = redo(tf.constant(lungs_kept.unstandardised[None, ..., None], tf.float32)).numpy()[0]
+    np.testing.assert_array_equal(redone.astype(np.uint8), lungs_kept.image)
+    # The kept region is the lung fields of the raw slice grown by the margin, cropped to the lungs' box.
+    (x0, y0, x1, y1), kept, _ = crop_box(phantom, "lungs", 0.05, keep="lungs", keep_margin=0.02)
+    assert grow(lung_mask(phantom), phantom, 0.02)[y0:y1, x0:x1].sum() >= kept[y0:y1, x0:x1].sum() > 0
+    # The audits take that region from the input itself: it is both the body and the lungs there.
+    bodies, lungs = anatomy_masks(lungs_kept.image[None], "lungs")
+    np.testing.assert_array_equal(bodies[0], inside)
+    np.testing.assert_array_equal(lungs[0], inside)
+
+
 def test_the_noise_floor_brings_a_clean_and_a_noisy_slice_to_one_noise_level(phantom):
     """preprocess.denoise.renoise: denoising leaves each slice at its own residual noise; the floor on top puts
     both copies of one phantom at (nearly) the same level, deterministically, and keeps the mask."""

@@ -75,18 +75,24 @@ def _limitations(metadata: ExportMetadata, data: dict) -> list[str]:
     return lines
 
 
-def _zeroed(preprocess: PreprocessParams) -> str:
+def _kept(preprocess: PreprocessParams) -> str:
+    """The region the input keeps (non-zero), in words."""
+    return "the lung fields" if preprocess.mask == "lungs" else "the body"
+
+
+def _crop_step(preprocess: PreprocessParams) -> str:
+    zeroed = f"zero outside {_kept(preprocess)}"
     if preprocess.mask == "lungs":
-        return f"zero outside the lung fields grown by {preprocess.mask_margin:g} (the body where none is found)"
-    return "zero outside the body"
+        zeroed += f" grown by {preprocess.mask_margin:g}, or outside the body where no lung is found"
+    region = "lung fields" if preprocess.crop == "lungs" else "body"
+    return f"crop to the {region} (margin {preprocess.crop_margin:g}, {zeroed})"
 
 
 def preprocessing_steps(preprocess: PreprocessParams) -> list[str]:
     """The deterministic preprocessing in the order chestct.imaging.preprocess applies it, in words."""
     steps = ["decode to grayscale"]
     if preprocess.crop != "none":
-        steps.append(f"crop to the {'lung fields' if preprocess.crop == 'lungs' else 'body'} "
-                     f"(margin {preprocess.crop_margin:g}, {_zeroed(preprocess)})")
+        steps.append(_crop_step(preprocess))
     if preprocess.clahe.enabled:
         steps.append(f"CLAHE (clip {preprocess.clahe.clip_limit:g}, {preprocess.clahe.tile_grid} tiles a side)")
     if preprocess.window.enabled:
@@ -98,10 +104,10 @@ def preprocessing_steps(preprocess: PreprocessParams) -> list[str]:
     if denoise.renoise:
         steps.append(f"a fixed noise floor of {denoise.renoise:g} grey levels")
     if preprocess.intensity == "equalise_in_mask":
-        steps.append("histogram equalisation inside the body")
+        steps.append(f"histogram equalisation inside {_kept(preprocess)}")
     elif preprocess.intensity == "percentile":
         low, high = preprocess.percentile
-        steps.append(f"percentiles {low:g}-{high:g} inside the body mapped to 1-255")
+        steps.append(f"percentiles {low:g}-{high:g} inside {_kept(preprocess)} mapped to 1-255")
     return steps
 
 
