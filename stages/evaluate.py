@@ -39,13 +39,12 @@ METRICS = Path("metrics/eval.json")
 PLOTS = Path("plots/eval")
 
 
-def _robustness(model, train_gray, test_gray, test, clean_auc, threshold, params) -> dict:
+def _robustness(predict, train_gray, test_gray, test, clean_auc, threshold, params) -> dict:
     """The acquisition-robustness suite on the raw test images (evaluate.robustness)."""
     settings = params.evaluate
     reference = raw_reference(train_gray) if settings.robustness.histogram_match else None
     suite = build_perturbations(settings.robustness, reference)
-    report = robustness_report(lambda images: predict_scores(model, images, params.train.validation_batch_size),
-                               test_gray, test.labels, threshold, clean_auc, suite, params.preprocess,
+    report = robustness_report(predict, test_gray, test.labels, threshold, clean_auc, suite, params.preprocess,
                                settings.confidence_level, settings.bootstrap_resamples, params.seed)
     plots.robustness_csv(PLOTS / "robustness.csv", report)
     plots.robustness_png(PLOTS / "robustness.png", report, settings.confidence_level)
@@ -81,12 +80,15 @@ def main() -> None:
     manifest = pd.read_csv(MANIFEST, keep_default_na=False)
     batch = params.train.validation_batch_size
 
-    valid_scores = predict_scores(model, valid.images, batch)
+    def predict(images):
+        return predict_scores(model, images, batch)
+
+    valid_scores = predict(valid.images)
     choice = choose_threshold(valid.labels, valid_scores, settings.threshold)  # validation only
     threshold = choice["threshold"]
     write_json(THRESHOLD, threshold_record(choice, params))
 
-    test_scores = predict_scores(model, test.images, batch)
+    test_scores = predict(test.images)
     leak_free = leak_free_mask(test, manifest)
     train_gray, test_gray = raw_grayscale(train.ids, RAW_DATA), raw_grayscale(test.ids, RAW_DATA)
     metrics = {
@@ -102,11 +104,10 @@ def main() -> None:
     if settings.attention:
         attention_maps = (gradcam(model, test.images), *anatomy_masks(test.images, params.preprocess.mask))
         metrics["attention"] = attention_report(attention_maps[0], test.labels, *attention_maps[1:]) | {
-            "ablation": ablation_report(lambda images: predict_scores(model, images, batch), test.images,
-                                        test.labels, attention_maps[2], settings.confidence_level,
-                                        settings.bootstrap_resamples, seed)}
+            "ablation": ablation_report(predict, test.images, test.labels, attention_maps[2],
+                                        settings.confidence_level, settings.bootstrap_resamples, seed)}
     if settings.robustness.enabled:
-        metrics["robustness"] = _robustness(model, train_gray, test_gray, test, metrics["test"]["auc"], threshold,
+        metrics["robustness"] = _robustness(predict, train_gray, test_gray, test, metrics["test"]["auc"], threshold,
                                             params)
     write_json(METRICS, metrics)
 
