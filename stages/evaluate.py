@@ -105,7 +105,8 @@ def main() -> None:
         attention_maps = (gradcam(model, test.images), *anatomy_masks(test.images, params.preprocess.mask))
         metrics["attention"] = attention_report(attention_maps[0], test.labels, *attention_maps[1:]) | {
             "ablation": ablation_report(predict, test.images, test.labels, attention_maps[2],
-                                        settings.confidence_level, settings.bootstrap_resamples, seed)}
+                                        settings.confidence_level, settings.bootstrap_resamples, seed)
+            | {"kept": params.preprocess.mask}}
     if settings.robustness.enabled:
         metrics["robustness"] = _robustness(predict, train_gray, test_gray, test, metrics["test"]["auc"], threshold,
                                             params)
@@ -149,8 +150,11 @@ def _print_summary(metrics: dict, choice: dict) -> None:
               f"(a uniform map: {a['body_area_share']}, {a['lung_area_share']}; {a['zero_maps']} all-zero maps, "
               f"lungs not found in {a['lungs_not_found']})")
         ablation = a["ablation"]
-        print(f"  test AUC on the lungs alone {ablation['lungs_only']['auc']}, with the lungs emptied "
-              f"{ablation['lungs_emptied']['auc']} (a lesion detector keeps the first and loses the second)")
+        if ablation["kept"] == "lungs":  # the input is the lungs alone: emptying them leaves their outline
+            print(f"  test AUC on the lungs' outline alone (the lungs emptied): {ablation['lungs_emptied']['auc']}")
+        else:
+            print(f"  test AUC on the lungs alone {ablation['lungs_only']['auc']}, with the lungs emptied "
+                  f"{ablation['lungs_emptied']['auc']} (a lesion detector keeps the first and loses the second)")
     if "robustness" in metrics:
         r = metrics["robustness"]
         print(f"  robustness: worst AUC {r['worst_auc']} under {r['worst']} (clean {r['clean_auc']})")

@@ -94,7 +94,8 @@ def live_server(tiny_export):
 # The original pipeline (CLAHE, pad and resize, intensity augmentation), the default until the lesion configuration
 # was measured better (README "What the model learned"); still reachable through params.
 ORIGINAL_CONFIGURATION = {
-    "preprocess": {"crop": "none", "clahe": {"enabled": True}, "denoise": {"method": "none"}, "intensity": "none"},
+    "preprocess": {"crop": "none", "mask": "body", "clahe": {"enabled": True}, "denoise": {"method": "none"},
+                   "intensity": "none"},
     "augment": {"brightness": {"probability": 0.5}, "contrast": {"probability": 0.5},
                 "sharpness": {"probability": 0.3}, "hu_window": {"probability": 0.3},
                 "window_level": {"probability": 0.0}, "gamma": {"probability": 0.0}, "noise": {"probability": 0.0},
@@ -105,7 +106,8 @@ ORIGINAL_CONFIGURATION = {
 
 # The lesion configuration (README "Making the model learn the lesion"): the defaults in params.yaml.
 LESION_CONFIGURATION = {
-    "preprocess": {"crop": "lungs", "clahe": {"enabled": False}, "denoise": {"method": "nlmeans", "strength": 2.0},
+    "preprocess": {"crop": "lungs", "mask": "lungs", "clahe": {"enabled": False},
+                   "denoise": {"method": "nlmeans", "strength": 2.0},
                    "intensity": "equalise_in_mask"},
     "augment": {"brightness": {"probability": 0.0}, "contrast": {"probability": 0.0},
                 "sharpness": {"probability": 0.0}, "hu_window": {"probability": 0.0},

@@ -156,16 +156,16 @@ def test_the_model_card_describes_the_preprocessing_that_ran_and_where_the_expor
     from tests.conftest import ORIGINAL_CONFIGURATION, _deep_update
 
     card = render_model_card(_metadata(default_params, None), None)
-    assert "crop to the lung fields (margin 0.05, zero outside the body)" in card
-    assert "nlmeans denoising at 2x the slice's noise" in card and "noise floor" not in card
-    assert "histogram equalisation inside the body" in card and "CLAHE" not in card
-    assert "Built from an unknown commit" in card
-    lungs = default_params.model_copy(update={"preprocess": default_params.preprocess.model_copy(
-        update={"mask": "lungs", "mask_margin": 0.02})})
-    card = render_model_card(_metadata(lungs, None), None)
     assert ("crop to the lung fields (margin 0.05, zero outside the lung fields grown by 0.02, or outside the body "
             "where no lung is found)") in card
-    assert "histogram equalisation inside the lung fields" in card
+    assert "nlmeans denoising at 2x the slice's noise" in card and "noise floor" not in card
+    assert "histogram equalisation inside the lung fields" in card and "CLAHE" not in card
+    assert "Built from an unknown commit" in card
+    body = default_params.model_copy(update={"preprocess": default_params.preprocess.model_copy(
+        update={"mask": "body"})})
+    card = render_model_card(_metadata(body, None), None)
+    assert "crop to the lung fields (margin 0.05, zero outside the body)" in card
+    assert "histogram equalisation inside the body" in card
     original = _deep_update(default_params, ORIGINAL_CONFIGURATION)
     source = {"git_revision": "0123456789abcdef0123", "artifact_version": "v1.0.0"}
     artifact = {"file": "chestct.keras", "sha256": "0" * 64, "bytes": 1000}

@@ -40,8 +40,8 @@ def test_defaults_keep_the_original_design_and_the_measured_lesion_configuration
 def test_the_lesion_configuration_is_valid_and_every_step_is_on(lesion_params):
     """README "Making the model learn the lesion": one set of overrides, all of them real params."""
     p = lesion_params
-    assert (p.preprocess.crop, p.preprocess.intensity, p.preprocess.denoise.method) == (
-        "lungs", "equalise_in_mask", "nlmeans")
+    assert (p.preprocess.crop, p.preprocess.mask, p.preprocess.intensity, p.preprocess.denoise.method) == (
+        "lungs", "lungs", "equalise_in_mask", "nlmeans")
     assert not p.preprocess.clahe.enabled and not p.preprocess.window.enabled  # redone in TF after augmentation
     assert p.augment.window_level.probability > 0 and p.augment.gamma.probability > 0
     assert p.augment.hu_window.probability == p.augment.brightness.probability == 0.0

@@ -117,6 +117,7 @@ def test_evaluate_writes_metrics_threshold_and_plots(evaluated_repo):
     assert 0.0 <= attention["in_lung_share"] <= attention["in_body_share"] <= 1.0
     assert 0.0 <= attention["lung_area_share"] <= attention["body_area_share"] <= 1.0
     assert attention["images"] == test_count and set(attention["by_class"]) == {"normal", "cancer"}
+    assert attention["ablation"]["kept"] == "lungs"  # the default preprocess.mask
     for ablation in ("lungs_only", "lungs_emptied"):
         low, high = attention["ablation"][ablation]["auc_ci"]
         assert low <= attention["ablation"][ablation]["auc"] <= high, ablation

@@ -26,7 +26,7 @@ def phantom() -> np.ndarray:
 
 
 def new_params(default_params, **changes):
-    base = {"image_size": 64, "crop": "lungs", "intensity": "equalise_in_mask", "workers": 1,
+    base = {"image_size": 64, "crop": "lungs", "mask": "body", "intensity": "equalise_in_mask", "workers": 1,
             "clahe": default_params.preprocess.clahe.model_copy(update={"enabled": False})}
     return default_params.preprocess.model_copy(update={**base, **changes})
 

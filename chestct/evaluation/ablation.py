@@ -13,6 +13,10 @@ reads the scanner or the anatomy around the lungs does the opposite (the test De
 radiograph models). The lung fields come from `chestct.imaging.anatomy.lung_mask`, which keeps what lies inside
 them (vessels, nodules, a mass on the wall); a central mass outside the fields counts as "outside". An image in
 which no lung was found is blank in `lungs_only` and unchanged in `lungs_emptied`.
+
+With `preprocess.mask: lungs` the input already holds nothing but the lung fields (the evaluate stage then
+passes its non-zero region as the mask): `lungs_only` is the model's own AUC, and `lungs_emptied` leaves a flat
+silhouette, so it measures what the lungs' outline alone tells the model. The report's `kept` says which.
 """
 
 from __future__ import annotations
