@@ -131,5 +131,6 @@ def test_keeping_the_lungs_falls_back_to_the_body_and_needs_the_lung_crop():
 def test_grow_by_zero_is_the_mask_itself():
     mask = np.zeros((40, 40), bool)
     mask[10:20, 10:20] = True
-    np.testing.assert_array_equal(grow(mask, mask.astype(np.uint8), 0.0), mask)
-    assert grow(mask, mask.astype(np.uint8), 0.05)[9, 15] and not grow(mask, mask.astype(np.uint8), 0.05)[5, 15]
+    np.testing.assert_array_equal(grow(mask, 0.0), mask)
+    grown = grow(mask, 0.05)  # 2 px on a 40 px side
+    assert grown[8, 15] and not grown[6, 15] and grown.sum() > mask.sum()

@@ -8,7 +8,10 @@ lung_mask: inside the body, eroded so the dark outer fat and skin edge do not co
   `MIN_LUNG_SHARE` of the body) are the lung fields, each with the vessels, nodules and wall masses inside it
   (its convex hull when it is one lung). Empty when none is found; callers fall back to the body.
 
-Both work on any window (bright or dull, lung or mediastinal) because every threshold comes from the image's
+crop_box: the box the preprocessing crops to, and what it keeps: the body, or (`preprocess.mask: lungs`) the lung
+  fields grown by a margin so a mass on the lung wall stays in.
+
+Both masks work on any window (bright or dull, lung or mediastinal) because every threshold comes from the image's
 own histogram, and both return boolean arrays of the image's shape. All-black input gives empty masks.
 """
 
@@ -139,7 +142,7 @@ def crop_box(gray: np.ndarray, mode: str, margin: float, keep: str = "body",
         return (0, 0, width, height), np.ones(gray.shape, bool), "image"
     kept = body
     if keep == "lungs" and found == "lungs":
-        kept = grow(region, gray, keep_margin) & body
+        kept = grow(region, keep_margin) & body
     x, y, box_w, box_h = cv2.boundingRect(region.astype(np.uint8))
     pad = int(round(margin * max(box_w, box_h)))
     x0, y0 = max(0, x - pad), max(0, y - pad)
@@ -147,10 +150,10 @@ def crop_box(gray: np.ndarray, mode: str, margin: float, keep: str = "body",
     return (x0, y0, x1, y1), kept, found
 
 
-def grow(mask: np.ndarray, gray: np.ndarray, fraction: float) -> np.ndarray:
-    """`mask` dilated by `fraction` of the image's shorter side (unchanged for 0)."""
+def grow(mask: np.ndarray, fraction: float) -> np.ndarray:
+    """A boolean `mask` dilated by `fraction` of its shorter side (unchanged for 0)."""
     if fraction <= 0:
         return np.asarray(mask, bool)
-    size = max(1, int(round(2 * fraction * min(gray.shape)))) | 1  # a disc of radius ~fraction x side
+    size = max(1, int(round(2 * fraction * min(np.shape(mask))))) | 1  # a disc of radius ~fraction x side
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
     return cv2.dilate(np.asarray(mask, np.uint8), kernel).astype(bool)
