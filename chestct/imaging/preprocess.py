@@ -1,10 +1,10 @@
 """THE deterministic preprocessing: any image file -> the model's uint8 input.
 
 decode (any PNG/JPEG mode, or DICOM through a Hounsfield window; the type read from the bytes) -> grayscale
-uint8 -> optional crop to the anatomy (the lung fields' or the body's box, zero outside the body, or outside the
-lung fields with `mask: lungs`) -> CLAHE ->
-optional fixed window -> resize to a square (keeping the aspect ratio and padding, or stretching) -> optional
-denoising -> optional intensity standardisation inside the body -> uint8 (S, S, 1).
+uint8 -> optional crop to the anatomy (the lung fields' or the body's box; zero outside the body, or outside the
+lung fields with `mask: lungs`) -> CLAHE -> optional fixed window -> resize to a square (keeping the aspect ratio
+and padding, or stretching) -> optional denoising -> optional intensity standardisation inside what the crop kept
+-> uint8 (S, S, 1).
 
 The preprocess stage, evaluation, export checks and the server all call `preprocess_image` with the same
 `PreprocessParams`, so the model always sees exactly what it was trained on. With `crop: none`, no denoising
