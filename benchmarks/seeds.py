@@ -70,6 +70,19 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+def project_overrides(real: Path | None, settings: list[str]) -> dict:
+    """The params the project copy gets: the real data (with `real`) and every `-S key=value`, in order."""
+    overrides: dict = {}
+    if real is not None:
+        # The copy starts from the tests' tiny settings: give the real data the project's own image size back.
+        project = yaml.safe_load(Path("params.yaml").read_text())
+        overrides = {"data": {"source": "local", "local_path": str(real.resolve())},
+                     "preprocess": {"image_size": project["preprocess"]["image_size"]}}
+    for text in settings:
+        overrides = _merge(overrides, parse_override(text))
+    return overrides
+
+
 def _lookup(metrics: dict, dotted: str):
     value = metrics
     for part in dotted.split("."):
@@ -113,14 +126,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="build the project copy here and keep it")
     args = parser.parse_args()
 
-    overrides: dict = {}
-    if args.real is not None:
-        # The copy starts from the tests' tiny settings: give the real data the project's own image size back.
-        project = yaml.safe_load(Path("params.yaml").read_text())
-        overrides = {"data": {"source": "local", "local_path": str(args.real.resolve())},
-                     "preprocess": {"image_size": project["preprocess"]["image_size"]}}
-    for text in args.overrides:
-        overrides = _merge(overrides, parse_override(text))
+    overrides = project_overrides(args.real, args.overrides)
     scratch = Path(tempfile.mkdtemp(prefix="chestct-seeds-"))
     repo = make_pipeline_repo(args.keep or scratch / "project", overrides)
     seeds = [args.first_seed + index for index in range(args.seeds)]

@@ -330,6 +330,9 @@ class ThresholdParams(Section):
     sensitivity: Annotated[float, Field(gt=0.0, le=1.0)]
     fixed: Annotated[float, Field(gt=0.0, lt=1.0)]
     prior: Annotated[float, Field(gt=0.0, lt=1.0)]
+    # valid, or out_of_fold: scores of k fold models over train + valid (stage out_of_fold, chestct/training/folds.py)
+    chosen_on: Literal["valid", "out_of_fold"] = "valid"
+    folds: Annotated[int, Field(ge=2, le=20)] = 3
 
 
 class RobustnessParams(Section):

@@ -12,6 +12,7 @@ from chestct.evaluation.ablation import ablation_report
 from chestct.evaluation.attention import anatomy_masks, attention_report, outline
 from chestct.evaluation.gradcam import gradcam, overlay
 from chestct.evaluation.input_cues import input_shortcut_audit
+from chestct.evaluation.out_of_fold import choose_out_of_fold_threshold, read_scores
 from chestct.evaluation.robustness import build_perturbations, raw_reference, robustness_report
 from chestct.evaluation.sampling import audit_rows
 from chestct.evaluation.scoring import (
@@ -33,6 +34,7 @@ from stages.errors import run_stage
 PROCESSED = Path("data/processed")
 RAW_DATA = Path("data/raw/Data")
 MANIFEST = Path("data/split/manifest.csv")
+OUT_OF_FOLD = Path("data/out_of_fold/scores.csv")
 MODEL = Path("models/phase2.keras")
 THRESHOLD = Path("models/threshold.json")
 METRICS = Path("metrics/eval.json")
@@ -68,6 +70,15 @@ def _gradcam_grid(model, test, test_scores, threshold, settings, attention_maps,
     plots.gradcam_grid_png(PLOTS / "gradcam.png", tiles)
 
 
+def _choose_threshold(valid_labels, valid_scores, manifest: pd.DataFrame, settings) -> dict:
+    """On the validation scores, or on the out_of_fold stage's scores over train + valid."""
+    if settings.threshold.chosen_on == "valid":
+        return choose_threshold(valid_labels, valid_scores, settings.threshold)
+    pooled = set(manifest.loc[manifest["split"].isin(["train", "valid"]), "id"].astype(str))
+    return choose_out_of_fold_threshold(read_scores(OUT_OF_FOLD, pooled), manifest.set_index("id")["near_group"],
+                                        settings.threshold)
+
+
 def main() -> None:
     params = load_params()
     settings, seed = params.evaluate, params.seed
@@ -84,7 +95,7 @@ def main() -> None:
         return predict_scores(model, images, batch)
 
     valid_scores = predict(valid.images)
-    choice = choose_threshold(valid.labels, valid_scores, settings.threshold)  # validation only
+    choice = _choose_threshold(valid.labels, valid_scores, manifest, settings)  # never on test
     threshold = choice["threshold"]
     write_json(THRESHOLD, threshold_record(choice, params))
 
@@ -125,12 +136,20 @@ def main() -> None:
 
 def _print_summary(metrics: dict, choice: dict) -> None:
     t, lf, sc = metrics["test"], metrics["test_leak_free"], metrics["shortcut"]
-    print(f"evaluate: threshold {choice['threshold']:.4f} ({choice['method']}, chosen on validation)")
-    v = metrics["valid"]
-    if v["normal_slices"] < FEW_DISTINCT_NORMALS:
-        print(f"  warning: validation holds {v['n_normal']} Normal images but only {v['normal_slices']} distinct "
-              "Normal slices (near-duplicate groups): the threshold rests on too few to transfer, so read test "
-              "specificity with that in mind")
+    pool = choice.get("out_of_fold")
+    if pool is None:
+        print(f"evaluate: threshold {choice['threshold']:.4f} ({choice['method']}, chosen on validation)")
+        where, normals, slices = "validation", metrics["valid"]["n_normal"], metrics["valid"]["normal_slices"]
+    else:
+        print(f"evaluate: threshold {choice['threshold']:.4f} ({choice['method']}, chosen on the out-of-fold scores "
+              f"of {pool['images']} train + valid images, {pool['folds']} folds, pooled AUC {pool['auc']:.3f})")
+        where, normals, slices = "the out-of-fold pool", pool["normal_images"], pool["normal_slices"]
+    if slices < FEW_DISTINCT_NORMALS:
+        advice = ("; `-S evaluate.threshold.chosen_on=out_of_fold` chooses it on every distinct slice of train + "
+                  "valid instead (README, Evaluation)") if pool is None else ""
+        print(f"  warning: {where} holds {normals} Normal images but only {slices} distinct Normal slices "
+              "(near-duplicate groups): the threshold rests on too few to transfer, so read test specificity with "
+              f"that in mind{advice}")
     print(f"  test      n={t['n']} ({t['n_normal']} normal, {t['normal_slices']} distinct): "
           f"AUC {t['auc']:.3f} {t['auc_ci']}, "
           f"sensitivity {t['sensitivity']:.3f}, specificity {t['specificity']:.3f}")

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from chestct.evaluation.robustness import build_perturbations, perturbed_mixture, raw_reference
-from chestct.evaluation.shortcuts import raw_grayscale
+from chestct.evaluation.robustness import perturbed_split
 from chestct.imaging.processed import load_split, save_processed
 from chestct.params import load_params
 from stages.errors import run_stage
@@ -28,14 +27,11 @@ def main() -> None:
     manifest = pd.read_csv(MANIFEST, keep_default_na=False)
     valid = load_split(VALID)
     train_ids = manifest.loc[manifest["split"] == "train", "id"].to_numpy()
-    robustness = params.evaluate.robustness
-    reference = raw_reference(raw_grayscale(train_ids, RAW_DATA)) if robustness.histogram_match else None
-    suite = build_perturbations(robustness, reference)
-    images, names = perturbed_mixture(raw_grayscale(valid.ids, RAW_DATA), suite, params.preprocess, params.seed)
+    perturbed, names = perturbed_split(valid, RAW_DATA, train_ids, params)
     # save_processed validates the arrays as a split before it writes them.
-    save_processed(OUT, {"valid": {"images": images, "labels": valid.labels, "subtypes": valid.subtypes,
+    save_processed(OUT, {"valid": {"images": perturbed.images, "labels": valid.labels, "subtypes": valid.subtypes,
                                    "ids": valid.ids}}, params.preprocess.shard_images)
-    print(f"robust_valid: {len(images)} validation images, each under one of {len(suite)} perturbations "
+    print(f"robust_valid: {len(valid)} validation images, each under one of {len(set(names))} perturbations "
           f"({', '.join(sorted(set(names)))}) -> {OUT}")
 
 

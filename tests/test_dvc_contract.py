@@ -29,7 +29,8 @@ PIPELINE_OVERRIDES = {
     # One worker: preprocessing runs in this process, where the reads are recorded (a Pool child's are lost).
     "preprocess": {"image_size": 32, "workers": 1},
     "train": {"steps_per_epoch": 2, "phase1": {"epochs": 1}, "phase2": {"epochs": 1}},
-    "evaluate": {"bootstrap_resamples": 100},
+    # The out_of_fold stage reads its keys only when it trains: two folds of the tiny train + valid.
+    "evaluate": {"bootstrap_resamples": 100, "threshold": {"chosen_on": "out_of_fold", "folds": 2}},
     # An untrained model scores every image near the threshold, so quantization alone flips decisions; the
     # parity rule is not under test here, and every export key is still read.
     "export": {"latency_runs": 1, "min_decision_agreement": 0.0},

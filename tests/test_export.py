@@ -191,3 +191,20 @@ def test_silencing_the_export_leaves_no_logging_handler_on_the_closed_null_devic
     handlers = root.handlers + named.handlers
     assert not [handler for handler in handlers if getattr(handler, "stream", None) and handler.stream.closed]
     named.warning("a log line after the export still works")
+
+
+def test_the_model_card_says_where_the_threshold_was_chosen(default_params):
+    """On validation (the default) or on out-of-fold scores over train + valid, with the pool it rests on."""
+    card = render_model_card(_metadata(default_params, None), None)
+    assert "chosen on the valid split only" in card and "out-of-fold" not in card
+    pool = {"images": 819, "normal_images": 161, "normal_slices": 23, "folds": 3, "auc": 0.87}
+    threshold = threshold_record({"threshold": 0.44, "method": "youden_prior", "chosen_on": "out_of_fold",
+                                  "out_of_fold": pool}, default_params)
+    metadata = build_metadata(default_params, threshold, {"keras": {"file": "chestct.keras", "sha256": "0" * 64,
+                                                                    "bytes": 1000}}, {}, 64, None, None)
+    assert metadata.threshold_chosen_on == "out_of_fold" and metadata.metrics["out_of_fold"] == pool
+    card = render_model_card(metadata, None)
+    assert ("chosen on out-of-fold scores over train + valid (evaluate.threshold.chosen_on, never the test "
+            "split)") in card
+    assert ("chosen on out-of-fold scores of 819 train + valid images (23 distinct Normal slices) from 3 fold "
+            "models") in card

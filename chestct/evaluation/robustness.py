@@ -16,15 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
 
 from chestct.decision import decide
 from chestct.evaluation.metrics import auc_with_interval
-from chestct.evaluation.shortcuts import match_to_reference, reference_quantiles
+from chestct.evaluation.shortcuts import match_to_reference, raw_grayscale, reference_quantiles
 from chestct.imaging.preprocess import preprocess_gray
-from chestct.params import PreprocessParams, RobustnessParams
+from chestct.imaging.processed import SplitArrays
+from chestct.params import Params, PreprocessParams, RobustnessParams
 
 Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]  # raw uint8 (H, W) -> uint8, any size
 
@@ -201,3 +203,15 @@ def perturbed_mixture(grays: Sequence[np.ndarray], suite: list[Perturbation], pr
     images = np.stack([perturbed_input(gray, index, perturbation, preprocess, seed)
                        for index, (gray, perturbation) in enumerate(zip(grays, chosen, strict=True))])
     return images, [perturbation.name for perturbation in chosen]
+
+
+def perturbed_split(split: SplitArrays, raw_data: Path, train_ids: Sequence[str], params: Params
+                    ) -> tuple[SplitArrays, list[str]]:
+    """`split` re-read from the raw images in `raw_data` under perturbed_mixture (the histogram-matching reference
+    from the raw `train_ids`), with the perturbation each image got. The robust_valid stage's copy of validation,
+    and the out_of_fold stage's copy of train + valid."""
+    robustness = params.evaluate.robustness
+    reference = raw_reference(raw_grayscale(train_ids, raw_data)) if robustness.histogram_match else None
+    images, names = perturbed_mixture(raw_grayscale(split.ids, raw_data), build_perturbations(robustness, reference),
+                                      params.preprocess, params.seed)
+    return SplitArrays(images=images, labels=split.labels, subtypes=split.subtypes, ids=split.ids), names

@@ -4,7 +4,9 @@ The decision rule everywhere in chestct is `chestct.decision.decide`: Cancer (1)
 
 Choosing the threshold on the test split would make every test metric optimistic, so `choose_threshold` takes
 only validation labels and scores; `operating_point` shows the intended use (choose on validation, then apply the
-frozen threshold to test scores) and is what the evaluate stage calls.
+frozen threshold to test scores); the evaluate stage calls `choose_threshold` and applies the result itself. With
+`evaluate.threshold.chosen_on: out_of_fold` the same `choose_threshold` runs on out-of-fold scores over train +
+valid instead (chestct.evaluation.out_of_fold); test is never among them.
 
 Why the middle of an interval: the validation operating point (sensitivity, specificity) only changes at the
 distinct validation scores, so it is constant on each interval between two consecutive distinct scores. The

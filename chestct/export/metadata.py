@@ -173,7 +173,8 @@ def build_metadata(params: Params, threshold: dict, artifacts: dict[str, dict], 
         left_out_formats={name: LeftOutRecord.model_validate(report) for name, report in (left_out or {}).items()},
         source=ExportSource.model_validate(source or {}),
         metrics={name: _summary(eval_metrics.get(name)) for name in ("test", "test_leak_free", "valid")}
-        | {"shortcut": eval_metrics.get("shortcut")},
+        | {"shortcut": eval_metrics.get("shortcut")}
+        | ({"out_of_fold": threshold["out_of_fold"]} if "out_of_fold" in threshold else {}),
     )
 
 

@@ -53,6 +53,12 @@ def _left_out_lines(metadata: ExportMetadata) -> str:
     return "".join(lines)
 
 
+def _chosen_on(metadata: ExportMetadata) -> str:
+    if metadata.threshold_chosen_on == "out_of_fold":
+        return "out-of-fold scores over train + valid (evaluate.threshold.chosen_on, never the test split)"
+    return f"the {metadata.threshold_chosen_on} split"
+
+
 def _limitations(metadata: ExportMetadata, data: dict) -> list[str]:
     lines = []
     leak_free = metadata.metrics.get("test_leak_free") or {}
@@ -60,7 +66,12 @@ def _limitations(metadata: ExportMetadata, data: dict) -> list[str]:
         lines.append(f"The leak-free test subset holds {leak_free['n_normal']} normal images, so its specificity "
                      f"interval is {_fmt(leak_free.get('specificity_ci'))}.")
     valid = metadata.metrics.get("valid") or {}
-    if valid.get("n_normal") is not None:
+    pool = metadata.metrics.get("out_of_fold")  # the threshold's pool, with chosen_on out_of_fold
+    if pool is not None:
+        lines.append(f"The threshold was chosen on out-of-fold scores of {pool['images']} train + valid images "
+                     f"({pool['normal_slices']} distinct Normal slices) from {pool['folds']} fold models, then "
+                     "applied to this model, which the same recipe trained on train alone.")
+    elif valid.get("n_normal") is not None:
         lines.append(f"The threshold was chosen on {valid.get('n')} validation images ({valid['n_normal']} normal): "
                      f"an operating point from so few images may not transfer.")
     shortcut = metadata.metrics.get("shortcut") or {}
@@ -157,8 +168,8 @@ Params digest `{metadata.params_sha256[:16]}…`; written by {versions}.
 Built from {_source_line(metadata)}.
 
 ## Operating point
-Threshold {_fmt(metadata.threshold, 4)} ({metadata.threshold_method}), chosen on the {metadata.threshold_chosen_on}
-split only: {metadata.decision}.
+Threshold {_fmt(metadata.threshold, 4)} ({metadata.threshold_method}), chosen on {_chosen_on(metadata)} only:
+{metadata.decision}.
 
 | split | images | AUC [{level} CI] | sensitivity [{level} CI] | specificity [{level} CI] |
 |---|---|---|---|---|

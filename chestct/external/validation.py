@@ -66,7 +66,8 @@ LIMITS = [
     "Each image is scored on its own (single slices, no patient grouping). Slices of one patient are not "
     "independent, so when a folder holds many slices per patient the confidence intervals are narrower than the "
     "evidence supports: read them as optimistic.",
-    "The threshold is the one stored with the model (chosen on the project's validation split) and is applied "
+    "The threshold is the one stored with the model (chosen on the project's validation split, or on its "
+    "out-of-fold scores over train + valid: the report's threshold.chosen_on says which) and is applied "
     "unchanged: sensitivity and specificity are at that fixed operating point, not re-tuned on this data.",
     "PPV and NPV depend on this set's share of Cancer images, which is rarely the prevalence in practice.",
     "Duplicates are exact byte copies only (sha256); re-saved, resized or re-windowed copies are not detected.",
