@@ -385,6 +385,42 @@ class ServeParams(Section):
     max_connections: PositiveInt
 
 
+# --- external: the cross-source panel ---------------------------------------------------------------------
+
+SetName = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", max_length=64)]
+
+
+class ExternalSetParams(Section):
+    """One declared set of scans from another source, scored by the `external` stage (chestct/external/panel.py)."""
+
+    name: SetName  # the prefix of its keys in metrics/external.json: letters, digits, _ and - (no dots)
+    path: Annotated[str, Field(min_length=1)]  # its folder, relative to the project root or absolute
+    kind: Literal["labelled", "normal_only", "annotated_series"]
+    label_map: list[str] | None = None  # labelled only: FOLDER=LABEL entries, as `chestct evaluate-external` takes
+
+    @model_validator(mode="after")
+    def _label_map_for_labelled_only(self) -> ExternalSetParams:
+        if self.kind == "labelled" and not self.label_map:
+            raise ValueError(f"set {self.name!r} is labelled: give its label_map, e.g. "
+                             f'["Normal cases=0", "Malignant cases=1"]')
+        if self.kind != "labelled" and self.label_map is not None:
+            raise ValueError(f"set {self.name!r} is {self.kind}: label_map is for labelled sets only; remove it")
+        return self
+
+
+class ExternalParams(Section):
+    sets: list[ExternalSetParams] = []
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> ExternalParams:
+        names = [entry.name for entry in self.sets]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"set names repeat ({', '.join(repeated)}): each set needs its own name, the prefix "
+                             f"of its keys in metrics/external.json")
+        return self
+
+
 class Params(Section):
     seed: int
     data: DataParams
@@ -396,6 +432,8 @@ class Params(Section):
     evaluate: EvaluateParams
     export: ExportParams
     serve: ServeParams
+    # Params files written before the cross-source stage have no `external` section: no sets.
+    external: ExternalParams = ExternalParams()
 
 
 def _describe(error: dict) -> str:

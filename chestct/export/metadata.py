@@ -125,9 +125,14 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+# Sections that say what is measured after the export, not how the model was made: left out of the digest, so
+# declaring a cross-source set does not re-export (the export stage does not declare them either).
+NOT_IN_DIGEST = {"external"}
+
+
 def params_digest(params: Params) -> str:
-    """sha256 of the validated params, independent of comments and key order in params.yaml."""
-    canonical = json.dumps(params.model_dump(mode="json"), sort_keys=True)
+    """sha256 of the validated params that make the model, independent of comments and key order in params.yaml."""
+    canonical = json.dumps(params.model_dump(mode="json", exclude=NOT_IN_DIGEST), sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -69,6 +69,18 @@ def prepare_gray(gray: np.ndarray, params: PreprocessParams) -> Prepared:
     return Prepared(standardise(unstandardised, params)[:, :, np.newaxis], unstandardised, found)
 
 
+def carry_region(gray: np.ndarray, region: np.ndarray, params: PreprocessParams) -> np.ndarray:
+    """A region of the decoded image (a lesion box, say) through the same crop and resize as the image itself:
+    (S, S) bool, True wherever the region covers any part of a model-input pixel."""
+    region = np.asarray(region, bool)
+    if region.shape != np.shape(gray)[:2]:
+        raise ValueError(f"region {region.shape} and image {np.shape(gray)[:2]} differ in shape")
+    if params.crop != "none":
+        (x0, y0, x1, y1), _, _ = crop_box(gray, params.crop, params.crop_margin, params.mask, params.mask_margin)
+        region = region[y0:y1, x0:x1]
+    return resize_square(region.astype(np.uint8) * 255, params.image_size, params.resize_mode) > 0
+
+
 def preprocess_gray(gray: np.ndarray, params: PreprocessParams) -> np.ndarray:
     """The deterministic steps after decoding; returns the model's input, uint8 (S, S, 1)."""
     return prepare_gray(gray, params).image

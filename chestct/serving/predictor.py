@@ -22,8 +22,9 @@ from chestct.decision import decide
 from chestct.errors import ChestctError
 from chestct.export.formats import FORMAT_ORDER, FORMATS, ExportedModelError, LoadedExport, open_exported
 from chestct.export.metadata import METADATA_FILE, ExportMetadata, MetadataError, read_metadata
+from chestct.imaging.decode import decode_grayscale
 from chestct.imaging.files import upload_limit_bytes
-from chestct.imaging.preprocess import preprocess_image
+from chestct.imaging.preprocess import preprocess_gray, preprocess_image
 from chestct.labels import CLASS_NAMES
 
 log = logging.getLogger("chestct.serving.predictor")
@@ -182,6 +183,17 @@ class Predictor:
         return preprocess_image(source, self.preprocess_params, name=name, max_pixels=self.serve_params.max_pixels,
                                 dicom_window=self.serve_params.dicom_window,
                                 max_bytes=upload_limit_bytes(self.serve_params.max_upload_mb))
+
+    def decode(self, source: bytes | str | Path, name: str | None = None) -> np.ndarray:
+        """The decoded grayscale (rows, cols) uint8 that `prepare` starts from, within the export's limits:
+        for callers that also need the stored image (lung fields, lesion boxes) and then call `prepare_decoded`."""
+        return decode_grayscale(source, name=name, max_pixels=self.serve_params.max_pixels,
+                                dicom_window=self.serve_params.dicom_window,
+                                max_bytes=upload_limit_bytes(self.serve_params.max_upload_mb))
+
+    def prepare_decoded(self, gray: np.ndarray) -> np.ndarray:
+        """`prepare` from a decoded grayscale: prepare(x) == prepare_decoded(decode(x)), the same preprocessing."""
+        return preprocess_gray(gray, self.preprocess_params)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Cancer probabilities (N,) for prepared images (N, S, S, 1) uint8."""
