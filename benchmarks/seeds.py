@@ -1,15 +1,18 @@
 """Several seeds, one table: the headline figures of the pipeline as mean and standard deviation over seeds.
 
     python -m benchmarks.seeds --seeds 3 [--real ../shared/data/chest-ctscan-images] [-S key=value ...]
-                               [--first-seed 42] [--out reports/seeds.json] [--keep DIR]
+                               [--panel ../shared/data/cross-source] [--first-seed 42] [--out reports/seeds.json]
+                               [--keep DIR]
 
 One run is not a result: the same commit has given test AUC 0.934 on one machine and 1.000 on another. This
 builds one temporary copy of the project (with the real data through `data.source: local` when --real is given,
 else the tiny phantoms of the tests), applies the -S overrides (dotted keys, YAML values: `-S model.weights=null`),
 and for each seed sets `seed`, runs `dvc repro evaluate` (export is not needed for the figures) and reads
 metrics/*.json. DVC reruns only what the seed changes (split, training, evaluation), so the data is copied and
-preprocessed once. It prints each headline figure's mean, standard deviation and per-seed values, and writes them
-as JSON (--out).
+preprocessed once. When external sets are declared (-S external.sets=... or --panel, which declares the project's
+cross-source panel, lung_pet_ct_dx and luna16_normal, from that folder), it runs `dvc repro external` instead, and
+every figure of metrics/external.json joins the table as "external: <set>.<figure>". It prints each headline
+figure's mean, standard deviation and per-seed values, and writes them as JSON (--out).
 """
 
 from __future__ import annotations
@@ -50,6 +53,33 @@ FIGURES = [
     ("test AUC, lungs alone", "eval", "attention.ablation.lungs_only.auc"),
     ("test AUC, lungs emptied", "eval", "attention.ablation.lungs_emptied.auc"),
 ]
+
+
+# The cross-source panel under ../shared/data/cross-source (its PROVENANCE.txt): README "Does it work on other
+# scanners?". Paths are made absolute: the pipeline runs in a temporary copy of the project.
+PANEL_SETS = (("lung_pet_ct_dx", "lung-pet-ct-dx", "annotated_series"), ("luna16_normal", "luna16-normal",
+                                                                        "normal_only"))
+
+
+def panel_sets(folder: Path) -> list[dict]:
+    return [{"name": name, "path": str((folder / sub).resolve()), "kind": kind} for name, sub, kind in PANEL_SETS]
+
+
+def external_figures(metrics: dict) -> dict:
+    """{"external: <set>.<figure>": value} for every number in metrics/external.json (per-series values too)."""
+    figures = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}", inner)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) or value is None:
+            figures[f"external: {prefix}"] = value
+
+    for name, section in metrics.items():
+        for key, value in section.items():
+            walk(f"{name}.{key}", value)
+    return figures
 
 
 def parse_override(text: str) -> dict:
@@ -93,10 +123,12 @@ def _lookup(metrics: dict, dotted: str):
 
 
 def summarise(per_seed: list[dict]) -> dict:
-    """{label: {"mean", "sd", "values"}} over the seeds; sd is the sample standard deviation (ddof=1)."""
+    """{label: {"mean", "sd", "values"}} over the seeds; sd is the sample standard deviation (ddof=1). Labels in
+    the order FIGURES gives them, then the external figures as first seen."""
+    labels = list(dict.fromkeys(label for run_ in per_seed for label in run_))
     summary = {}
-    for label, _, _ in FIGURES:
-        values = [run_[label] for run_ in per_seed]
+    for label in labels:
+        values = [run_.get(label) for run_ in per_seed]
         present = [value for value in values if value is not None]
         summary[label] = {"mean": float(np.mean(present)) if present else None,
                           "sd": float(np.std(present, ddof=1)) if len(present) > 1 else None,
@@ -109,9 +141,10 @@ def _fmt(value) -> str:
 
 
 def print_table(summary: dict, seeds: list[int]) -> None:
-    print(f"\n{'figure':<40}{'mean':>7}{'sd':>7}  per seed ({', '.join(map(str, seeds))})")
+    width = max(40, *(len(label) + 2 for label in summary))
+    print(f"\n{'figure':<{width}}{'mean':>7}{'sd':>7}  per seed ({', '.join(map(str, seeds))})")
     for label, entry in summary.items():
-        print(f"{label:<40}{_fmt(entry['mean']):>7}{_fmt(entry['sd']):>7}  "
+        print(f"{label:<{width}}{_fmt(entry['mean']):>7}{_fmt(entry['sd']):>7}  "
               f"{', '.join(_fmt(value) for value in entry['values'])}")
 
 
@@ -122,11 +155,17 @@ def main() -> None:
     parser.add_argument("--real", type=Path, default=None, help="the chest-ctscan-images folder (data.source local)")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a params override, as for `dvc exp run -S` (repeatable)")
+    parser.add_argument("--panel", type=Path, default=None, metavar="DIR",
+                        help="declare the cross-source panel from this folder (../shared/data/cross-source) and "
+                             "run through the external stage")
     parser.add_argument("--out", type=Path, default=Path("reports/seeds.json"), help="where to write the JSON")
     parser.add_argument("--keep", type=Path, default=None, help="build the project copy here and keep it")
     args = parser.parse_args()
 
     overrides = project_overrides(args.real, args.overrides)
+    if args.panel is not None:
+        overrides = _merge(overrides, {"external": {"sets": panel_sets(args.panel)}})
+    target = "external" if (overrides.get("external") or {}).get("sets") else "evaluate"
     scratch = Path(tempfile.mkdtemp(prefix="chestct-seeds-"))
     repo = make_pipeline_repo(args.keep or scratch / "project", overrides)
     seeds = [args.first_seed + index for index in range(args.seeds)]
@@ -135,10 +174,12 @@ def main() -> None:
         for seed in seeds:
             update_params(repo, {"seed": seed})
             started = time.perf_counter()
-            run(["dvc", "repro", "evaluate"], repo)
+            run(["dvc", "repro", target], repo)
             metrics = {name: json.loads((repo / f"metrics/{name}.json").read_text())
                        for name in ("eval", "train_phase2")}
             per_seed.append({label: _lookup(metrics[file], key) for label, file, key in FIGURES})
+            if target == "external":
+                per_seed[-1].update(external_figures(json.loads((repo / "metrics/external.json").read_text())))
             worst_names.append(_lookup(metrics["eval"], "robustness.worst"))
             print(f"seed {seed}: test AUC {_fmt(per_seed[-1]['test AUC'])}, worst robustness AUC "
                   f"{_fmt(per_seed[-1]['robustness worst AUC'])} ({worst_names[-1]}), "
