@@ -3,6 +3,7 @@
     chestct check-params [--params params.yaml]          validate params.yaml and print every resolved value
     chestct preprocess IMAGE... --out-dir DIR [--params]  run THE preprocessing on files, save what the model sees
     chestct predict IMAGE|DIR... [--json] [--gradcam-dir DIR] [--csv F]  diagnose files (folders: recursively)
+    chestct predict SERIES_DIR... --series [--json] [--plot-dir DIR]   one answer per DICOM series
     chestct serve [--host --port] [--artifact chestct@prod]  start the web service (page + JSON API)
     chestct evaluate-external DIR --label-map F=L ...     score a labelled folder of scans, write a report
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -119,6 +121,11 @@ def _export_dir(args: argparse.Namespace) -> Path | None:
 
 
 def _predict(args: argparse.Namespace) -> None:
+    if args.series:
+        _predict_series(args)
+        return
+    if args.plot_dir is not None:
+        raise ChestctError("--plot-dir saves series z-profiles: add --series (or drop --plot-dir)")
     if args.csv is not None:
         _predict_to_csv(args)
         return
@@ -156,6 +163,63 @@ def _predict(args: argparse.Namespace) -> None:
                   f"[{prediction.model_format} {prediction.model_sha256[:12]}]")
     if failures:
         raise SystemExit(1)
+
+
+def _series_text(result: dict) -> list[str]:
+    """A series' answer as the lines `chestct predict --series` prints."""
+    head = f"series {result['label']} ({result['slices']} slices, kernel {result['kernel'] or 'unknown'})"
+    if result["score"] is None:
+        lines = [f"{head}: {result['note']}"]
+    else:
+        top = result["top_slice"]
+        lines = [f"{head}: {result['diagnosis']:<6}  series score {result['score']:.3f}  threshold "
+                 f"{result['threshold']:.3f}  from {top['file']} (z {top['z']:g} mm)",
+                 f"  {result['note']}"]
+    for item in result["per_slice"]:
+        shown = (f"error: {item['error']}" if item["error"] else
+                 f"p(cancer) {item['probability']:.3f}" + ("" if item["in_lungs"] else "  (no lung fields)"))
+        position = "z ?" if item["z"] is None else f"z {item['z']:g}"
+        lines.append(f"  {position:>10}  {item['file']}: {shown}")
+    return lines
+
+
+def _predict_series(args: argparse.Namespace) -> None:
+    """Every DICOM slice under the folders given, grouped by SeriesInstanceUID, each series scored as one."""
+    from chestct.external.batch import list_inputs
+    from chestct.external.series import list_series
+    from chestct.external.series_plots import z_profile_png
+    from chestct.external.series_scoring import SERIES_RULE, score_series
+    from chestct.imaging.files import upload_limit_bytes
+    from chestct.serving.predictor import Predictor
+
+    if args.csv is not None or args.gradcam_dir is not None:
+        raise ChestctError("--series prints one answer per series: drop --csv and --gradcam-dir (--plot-dir saves "
+                           "each series' z-profile)")
+    logging.basicConfig(level=logging.WARNING, format="chestct predict: %(message)s")
+    inputs = list_inputs(args.images)
+    predictor = Predictor(_export_dir(args), _format_order(args))
+    # Slices are named relative to the folder(s) given, as the user typed them.
+    root = Path(os.path.commonpath([str(path if path.is_dir() else path.parent) for path in map(Path, args.images)]))
+    found = list_series(inputs.files, root, upload_limit_bytes(predictor.serve_params.max_upload_mb))
+    for path, reason in [*inputs.skipped, *found.not_dicom]:
+        print(f"{path}: skipped: {reason}", file=sys.stderr)
+    if not found.series:
+        raise ChestctError(f"no DICOM slice found under {', '.join(map(str, args.images))}; --series reads DICOM "
+                           f"series (PNG and JPEG files carry no series): drop --series to score them as images")
+    results = score_series(predictor, found.series, args.batch_size, progress=not args.json)
+    if args.plot_dir is not None:
+        args.plot_dir.mkdir(parents=True, exist_ok=True)
+    if not args.json:
+        print(f"chestct predict --series: {SERIES_RULE}")
+    for result in results:
+        answer = result.to_dict(predictor.threshold)
+        if args.plot_dir is not None:
+            target = args.plot_dir / f"{result.series.label}_z_profile.png"
+            z_profile_png(target, [result], predictor.threshold, title=f"{result.series.label}: p(cancer) along z")
+            answer["z_profile_png"] = str(target)
+        print(json.dumps(answer) if args.json else "\n".join(_series_text(answer)))
+    if all(result.score is None for result in results):
+        raise SystemExit(1)  # no series could be scored as one (each reason is printed)
 
 
 def _predict_to_csv(args: argparse.Namespace) -> None:
@@ -229,7 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write one row per file (file, probability, diagnosis, threshold, model_format, "
                               "model_sha256, error) here instead of printing, with a progress bar; unreadable "
                               "files get their reason; exit status 1 only when no file could be scored")
-    predict.add_argument("--batch-size", type=int, default=32, help="images per model call with --csv (default 32)")
+    predict.add_argument("--batch-size", type=int, default=32,
+                         help="images per model call with --csv or --series (default 32)")
+    predict.add_argument("--series", action="store_true",
+                         help="read the folders as DICOM series (any layout, split by SeriesInstanceUID): every "
+                              "slice scored once, the series' score is the highest slice probability among the "
+                              "slices with lung fields, and the slice that gave it")
+    predict.add_argument("--plot-dir", type=Path, default=None,
+                         help="with --series: save each series' z-profile (probability along z) here")
     _model_options(predict)
     predict.set_defaults(run=_predict)
 

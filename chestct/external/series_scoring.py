@@ -24,6 +24,10 @@ from chestct.imaging.anatomy import lung_mask
 
 SERIES_RULE = ("the series' score is the highest slice probability among the slices where lung fields are found "
                "(the maximum over all slices when none shows them); each slice is scored on its own")
+# The maximum of many slice scores passes a slice threshold more often than one slice does.
+THRESHOLD_NOTE = ("the threshold is the model's slice threshold (chosen on single slices of its validation data); "
+                  "no series-level operating point has been validated, and the maximum over many slices passes it "
+                  "more often than a single slice would")
 
 
 @dataclass
@@ -61,7 +65,8 @@ class SeriesScore:
                 "score": self.score, "decision": self.decision,
                 "diagnosis": None if self.decision is None else ("Cancer" if self.decision else "Normal"),
                 "threshold": threshold, "top_slice": None if self.top is None else self.top.to_dict(),
-                "rule": SERIES_RULE, "note": self.note, "problems": list(self.series.problems),
+                "rule": SERIES_RULE, "threshold_note": THRESHOLD_NOTE, "note": self.note,
+                "problems": list(self.series.problems),
                 "skipped": list(self.skipped), "per_slice": [item.to_dict() for item in self.slices]}
 
 
