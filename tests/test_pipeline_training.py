@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.pipeline_repo import make_pipeline_repo, run, update_params
+from tests.series_factory import SeriesSpec, write_annotated_series
 from tests.split_files import split_arrays
 
 pytestmark = pytest.mark.e2e
@@ -230,6 +231,64 @@ def test_serving_sees_the_cached_arrays_and_every_format_decides_alike(exported_
     (served,) = response.json()["results"]
     assert served["cancer_probability"] == pytest.approx(expected[0].cancer_probability, abs=1e-6)
     assert served["diagnosis"] == expected[0].diagnosis
+
+
+def _panel_sets(root) -> list[dict]:
+    """Three generated sets, one of each kind, outside the repo."""
+    from tests.conftest import save_image
+    from tests.serving_support import phantom_images
+
+    series = write_annotated_series(root / "series", SeriesSpec(slices=10, tumour_slices=(4, 5, 6)))
+    for index, (label, gray) in enumerate(phantom_images(count=8, seed=11)):
+        save_image(root / "clinic" / ("Tumour" if label else "Benign") / f"{index}.png", gray)
+        if not label:
+            save_image(root / "normals" / f"{index}.png", gray)
+    return [{"name": "series_set", "path": str(series.root), "kind": "annotated_series"},
+            {"name": "normal_set", "path": str(root / "normals"), "kind": "normal_only"},
+            {"name": "clinic", "path": str(root / "clinic"), "kind": "labelled",
+             "label_map": ["Benign=0", "Tumour=1"]}]
+
+
+def test_external_stage_scores_declared_sets_and_diffs_between_commits(exported_repo, tmp_path):
+    """Declaring sets reruns only the external stage; `dvc metrics diff` shows its keys between two commits, with
+    no metric that fails to load (the export's latency file is a cached output, not a metric)."""
+    repo, _ = exported_repo
+    empty = run(["dvc", "repro", "external"], repo)
+    assert "no set declared" in empty.stdout
+    assert json.loads((repo / "metrics/external.json").read_text()) == {}
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "no external set"], repo)
+
+    update_params(repo, {"external": {"sets": _panel_sets(tmp_path)}})
+    declared = run(["dvc", "repro", "external"], repo)
+    assert "Running stage 'external'" in declared.stdout and "Running stage 'export'" not in declared.stdout
+    metrics = json.loads((repo / "metrics/external.json").read_text())
+    series = metrics["series_set"]
+    assert (series["n"], series["series"], series["boxed_slices"], series["kernel_pairs"]) == (20, 2, 6, 1)
+    for key in ("within_series_auc", "lesion_sensitivity", "other_slices_positive_rate", "kernel_mean_abs_diff",
+                "kernel_agreement", "in_box_gradcam_share", "in_box_area_share"):
+        assert series[key] is not None, key
+    assert 0.0 <= series["in_box_gradcam_share"] <= 1.0 and 0.0 < series["in_box_area_share"] < 0.5
+    assert metrics["normal_set"]["n"] == 4 and metrics["normal_set"]["specificity"] is not None
+    assert metrics["clinic"]["n"] == 8 and metrics["clinic"]["auc"] is not None
+    plots = repo / "plots/external"
+    assert {"z_profile.png", "gradcam_boxed.png", "slices.csv", "report.json"} <= {
+        path.name for path in (plots / "series_set").iterdir()}
+    assert (plots / "clinic" / "metrics.json").exists() and (plots / "normal_set" / "scores.png").exists()
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "three external sets"], repo)
+    assert run(["dvc", "status"], repo).stdout.strip().endswith("up to date.")
+
+    diff = run(["dvc", "metrics", "diff", "HEAD~1", "HEAD"], repo)
+    for key in ("series_set.within_series_auc", "series_set.kernel_agreement", "normal_set.specificity",
+                "clinic.auc"):
+        assert key in diff.stdout, key
+    assert "failed to load" not in diff.stdout + diff.stderr
+    shown = run(["dvc", "metrics", "show"], repo)
+    assert "failed to load" not in shown.stdout + shown.stderr and "series_set.within_series_auc" in shown.stdout
+
+    update_params(repo, {"external": {"sets": []}})  # back to the default for the tests after this one
+    run(["dvc", "repro", "external"], repo)
 
 
 def test_export_out_of_tolerance_fails_naming_the_format(exported_repo):
