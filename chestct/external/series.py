@@ -171,13 +171,23 @@ def group_series(headers: Sequence[SliceHeader]) -> list[Series]:
                                             item.first.series_number.zfill(8), item.uid))
 
 
-def list_series(files: Sequence[Path], root: Path, max_bytes: int) -> SeriesListing:
-    """Every DICOM slice among `files` grouped into series; the other files with the reason they were left."""
+def list_series(files: Sequence[Path], root: Path, max_bytes: int,
+                names: Sequence[str] | None = None) -> SeriesListing:
+    """Every DICOM slice among `files` grouped into series; the other files with the reason they were left.
+
+    Reports name each file by its path relative to `root`, or by `names` when given (parallel to `files`: the
+    member names of an uploaded zip whose files were written under other names)."""
+    if names is not None and len(names) != len(files):
+        raise ValueError(f"{len(names)} names for {len(files)} files: give one name per file")
     headers, not_dicom = [], []
-    for path in files:
-        relative = os.path.relpath(path, root) if Path(path).is_relative_to(root) else str(path)
+    for index, path in enumerate(files):
+        if names is not None:
+            shown = names[index]
+        else:
+            relative = os.path.relpath(path, root) if Path(path).is_relative_to(root) else str(path)
+            shown = Path(relative).as_posix()
         try:
-            headers.append(read_header(Path(path), Path(relative).as_posix(), max_bytes))
+            headers.append(read_header(Path(path), shown, max_bytes))
         except (ValueError, OSError) as exc:
             not_dicom.append((Path(path), str(exc)))
     return SeriesListing(group_series(headers), not_dicom)

@@ -7,7 +7,8 @@ diagnosis, inputs it refused and why, and which model it serves.
 
     http_requests_total{handler, method, status}             every answer (route templates, so labels stay few)
     http_request_duration_seconds{handler, method, status}   latency histogram
-    chestct_predictions_total{api, diagnosis}                one per image the model scored
+    chestct_predictions_total{api, diagnosis}                one per image the model scored (api: native, v2,
+                                                             series: each slice of a zipped series)
     chestct_rejected_inputs_total{route, status, reason}     requests refused before or instead of predicting
     chestct_model_info{format, sha256, version}              the loaded model (absent while none is)
     chestct_model_loaded                                     1 with a model, 0 without
@@ -76,7 +77,7 @@ class ServiceMetrics:
         self.loaded = Gauge("chestct_model_loaded", "1 when a model is loaded, 0 when the service runs without",
                             registry=self.registry)
         for diagnosis in CLASS_NAMES:  # both series exist from the start, so rate() works before the first case
-            for api in ("native", "v2"):
+            for api in ("native", "v2", "series"):
                 self.predictions.labels(api=api, diagnosis=diagnosis)
 
     # --- what the service calls ---------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""What /openapi.json promises about the API: the answer models, the error answers and /predict's multipart body.
+"""What /openapi.json promises about the API: the answer models, the error answers and the multipart bodies of
+/predict and /predict/series.
 
 schemathesis (tests/test_schema_fuzz.py) checks every answer of the running service against this schema.
 """
@@ -7,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 FIELD = "files"  # the multipart field /predict reads its scans from
+SERIES_FIELD = "file"  # the multipart field /predict/series reads its zip from
 
 
 class Problem(BaseModel):
@@ -40,6 +42,58 @@ class PredictResponse(BaseModel):
     results: list[PredictionResult]
 
 
+class SliceResult(BaseModel):
+    """One slice of a series (SliceScore.to_dict); `file` is its name inside the uploaded zip."""
+    file: str
+    sop_instance_uid: str
+    z: float | None
+    instance_number: int | None
+    probability: float | None
+    decision: int | None
+    in_lungs: bool | None
+    error: str | None
+
+
+class SeriesResult(BaseModel):
+    """One series of the zip (SeriesScore.to_dict) and its pictures. Keys the library adds later pass through."""
+    model_config = ConfigDict(extra="allow")
+
+    series_instance_uid: str
+    label: str
+    patient_id: str
+    study_instance_uid: str
+    series_number: str
+    description: str
+    kernel: str
+    manufacturer: str
+    slices: int
+    score: float | None  # None: no series score (the problems say why)
+    decision: int | None
+    diagnosis: Literal["Normal", "Cancer"] | None
+    threshold: float
+    top_slice: SliceResult | None  # the slice that gave the score
+    rule: str
+    threshold_note: str | None = None
+    note: str
+    problems: list[str]  # why the slices cannot be ordered along z as one series
+    skipped: list[str]  # slices that could not be decoded, with the reason
+    per_slice: list[SliceResult]
+    z_profile_png: str  # data:image/png;base64 URL: slice probability along z, with the threshold
+    top_slice_png: str | None  # what the model saw of the top slice
+
+
+class NotDicomFile(BaseModel):
+    file: str  # the name inside the zip
+    reason: str
+
+
+class SeriesResponse(BaseModel):
+    series: list[SeriesResult]
+    not_dicom: list[NotDicomFile]  # files of the zip that are not DICOM slices, and why
+    rule: str  # how a series' score is made from its slices
+    model: ModelRef
+
+
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying when the server is busy",
                                "schema": {"type": "integer"}}}
 UNAVAILABLE = {503: {"model": Problem, "headers": RETRY_AFTER,
@@ -59,3 +113,16 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
     "type": "object", "required": [FIELD],
     "properties": {FIELD: {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
                            "description": "the scans (PNG, JPEG or DICOM), at most serve.max_files"}}}}}}}
+SERIES_ERRORS = {
+    400: {"model": Problem, "description": "not a zip, an unsafe or encrypted member, no DICOM slice in the zip, "
+                                           "wrong field name or unreadable multipart body"},
+    408: PREDICT_ERRORS[408],
+    413: {"model": Problem, "description": "the zip is over serve.max_upload_mb x serve.max_files, or holds too "
+                                           "many members, a member over serve.max_upload_mb or too much in all"},
+    415: {"model": Problem, "description": "not multipart/form-data"},
+} | UNAVAILABLE
+SERIES_UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": [SERIES_FIELD],
+    "properties": {SERIES_FIELD: {"type": "string", "format": "binary",
+                                  "description": "one .zip of a DICOM series folder (any layout; several series "
+                                                 "are reported one by one)"}}}}}}}

@@ -5,6 +5,9 @@ whether or not the client sent a Content-Length. It is also timed: a client that
 serve.body_timeout_s, or trickles its body slower than MIN_BODY_RATE once that time has passed, gets 408 and its
 connection closed, so a slow or stalled client cannot hold the connection and its buffers for as long as it likes.
 A client that disconnects mid-upload surfaces as starlette's ClientDisconnect, which the caller logs.
+
+What a route reads is an UploadForm: /predict's images (image_form, the default) or /predict/series' one zip
+(series_form), each with its own field, limits and wording.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from starlette.requests import Request
 
 from chestct.imaging.files import upload_limit_bytes
 from chestct.params import ServeParams
-from chestct.serving.schema import FIELD
+from chestct.serving.schema import FIELD, SERIES_FIELD
 
 MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around the file parts
 # Slowest average body rate accepted once serve.body_timeout_s has passed (Apache's mod_reqtimeout uses the same
@@ -46,6 +49,51 @@ def _megabytes(limit: float) -> str:
 def _limits_text(limits: ServeParams) -> str:
     return (f"the limits are {_megabytes(limits.max_upload_mb)} per file (serve.max_upload_mb) and "
             f"{limits.max_files} files per request (serve.max_files)")
+
+
+@dataclass(frozen=True)
+class UploadForm:
+    """What one route reads from its multipart body (the field, how many files, how large each) and the words its
+    refusals use."""
+
+    field: str
+    max_files: int
+    per_file: int  # bytes
+    content: str  # what the field holds: "the image(s)"
+    each: str  # "send {each} as '{field}'"
+    example: str  # a request that works
+    limits_text: str  # the limits, for a request that is too large
+    per_file_text: str  # "the limit of {per_file_text}"
+    too_many_text: str  # a request with more than max_files files
+
+
+def image_form(limits: ServeParams) -> UploadForm:
+    """/predict: up to serve.max_files scans in the field 'files', each at most serve.max_upload_mb."""
+    return UploadForm(
+        field=FIELD, max_files=limits.max_files, per_file=upload_limit_bytes(limits.max_upload_mb),
+        content="the image(s)", each="each image", example=f"curl -F {FIELD}=@scan.png .../predict",
+        limits_text=_limits_text(limits),
+        per_file_text=f"{_megabytes(limits.max_upload_mb)} per file (serve.max_upload_mb)",
+        too_many_text=(f"more than {limits.max_files} files in one request; send at most {limits.max_files} per "
+                       f"request (serve.max_files)"))
+
+
+def series_zip_limit_bytes(limits: ServeParams) -> int:
+    """The largest zipped series accepted: as large as a whole /predict request (serve.max_files files of
+    serve.max_upload_mb each), since a series is many slices."""
+    return upload_limit_bytes(limits.max_upload_mb) * limits.max_files
+
+
+def series_form(limits: ServeParams) -> UploadForm:
+    """/predict/series: one zip in the field 'file', at most series_zip_limit_bytes."""
+    limit = series_zip_limit_bytes(limits)
+    limit_text = (f"{_megabytes(limit / 1e6)} for a zipped series (serve.max_upload_mb x serve.max_files = "
+                  f"{_megabytes(limits.max_upload_mb)} x {limits.max_files})")
+    return UploadForm(
+        field=SERIES_FIELD, max_files=1, per_file=limit, content="one zip of the series folder", each="the zip",
+        example=f"curl -F {SERIES_FIELD}=@series.zip .../predict/series", limits_text=f"the limit is {limit_text}",
+        per_file_text=limit_text,
+        too_many_text=f"more than one file in one request; send one zip in the field '{SERIES_FIELD}'")
 
 
 class BodyClock:
@@ -73,8 +121,11 @@ class BodyClock:
         return UploadError(408, f"{why}; send the whole request without pausing", CLOSE_CONNECTION)
 
 
-async def received_body(request: Request, limit: int, limits: ServeParams) -> AsyncGenerator[bytes, None]:
-    """The body's chunks, refused past `limit` bytes (413) or when it stalls or trickles (408)."""
+async def received_body(request: Request, limit: int, limits: ServeParams,
+                        limits_text: str | None = None) -> AsyncGenerator[bytes, None]:
+    """The body's chunks, refused past `limit` bytes (413, saying `limits_text`: by default the /predict limits)
+    or when it stalls or trickles (408)."""
+    limits_text = limits_text or _limits_text(limits)
     clock = BodyClock(limits)
     chunks = request.stream()
     try:
@@ -91,54 +142,55 @@ async def received_body(request: Request, limit: int, limits: ServeParams) -> As
                 raise clock.timeout_error()
             clock.received += len(chunk)
             if clock.received > limit:
-                raise UploadError(413, f"the request is larger than {limit / 1e6:.1f} MB; {_limits_text(limits)}")
+                raise UploadError(413, f"the request is larger than {limit / 1e6:.1f} MB; {limits_text}")
             yield chunk
     finally:
         await chunks.aclose()
 
 
 @asynccontextmanager
-async def received_uploads(request: Request, limits: ServeParams) -> AsyncIterator[list[tuple[str, BinaryIO]]]:
-    """(filename, file) for each file in the multipart field `files`, open while the context lasts; UploadError
-    otherwise, ClientDisconnect when the client goes away before its body is complete.
+async def received_uploads(request: Request, limits: ServeParams, form: UploadForm | None = None
+                           ) -> AsyncIterator[list[tuple[str, BinaryIO]]]:
+    """(filename, file) for each file in the multipart field `form.field` (by default /predict's image_form),
+    open while the context lasts; UploadError otherwise, ClientDisconnect when the client goes away before its body
+    is complete.
 
     The files are starlette's spooled temporary files (on disk beyond 1 MB): a request waiting for a prediction
     slot holds its upload there, not in memory; `read_files` reads them inside the slot."""
+    form = form or image_form(limits)
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
-        raise UploadError(415, f"expected multipart/form-data with the image(s) in the field '{FIELD}', got "
-                               f"{content_type or 'no Content-Type'}; e.g. curl -F {FIELD}=@scan.png .../predict")
-    per_file = upload_limit_bytes(limits.max_upload_mb)
-    request_limit = per_file * limits.max_files + MULTIPART_OVERHEAD
+        raise UploadError(415, f"expected multipart/form-data with {form.content} in the field '{form.field}', got "
+                               f"{content_type or 'no Content-Type'}; e.g. {form.example}")
+    request_limit = form.per_file * form.max_files + MULTIPART_OVERHEAD
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > request_limit:
-        raise UploadError(413, f"the request is {int(declared) / 1e6:.1f} MB; {_limits_text(limits)}")
-    parser = MultiPartParser(request.headers, received_body(request, request_limit, limits), max_files=limits.max_files,
-                             max_fields=limits.max_files + 8)
+        raise UploadError(413, f"the request is {int(declared) / 1e6:.1f} MB; {form.limits_text}")
+    parser = MultiPartParser(request.headers, received_body(request, request_limit, limits, form.limits_text),
+                             max_files=form.max_files, max_fields=form.max_files + 8)
     try:
-        form = await parser.parse()
+        multipart = await parser.parse()
     except MultiPartException as exc:
         if "Too many files" in str(exc):
-            raise UploadError(413, f"more than {limits.max_files} files in one request; send at most "
-                                   f"{limits.max_files} per request (serve.max_files)") from None
-        raise UploadError(400, f"the multipart body cannot be read ({exc}); send the image(s) as "
-                               f"multipart/form-data in the field '{FIELD}'") from None
+            raise UploadError(413, form.too_many_text) from None
+        raise UploadError(400, f"the multipart body cannot be read ({exc}); send {form.content} as "
+                               f"multipart/form-data in the field '{form.field}'") from None
     try:
-        uploads = [item for item in form.getlist(FIELD) if isinstance(item, UploadFile)]
+        uploads = [item for item in multipart.getlist(form.field) if isinstance(item, UploadFile)]
         if not uploads:
-            fields = ", ".join(sorted(set(form.keys()))) or "none"
-            raise UploadError(400, f"no file in the multipart field '{FIELD}' (fields received: {fields}); "
-                                   f"send each image as '{FIELD}'")
+            fields = ", ".join(sorted(set(multipart.keys()))) or "none"
+            raise UploadError(400, f"no file in the multipart field '{form.field}' (fields received: {fields}); "
+                                   f"send {form.each} as '{form.field}'")
         files = []
         for index, upload in enumerate(uploads):
             name = upload.filename or f"file {index + 1}"
-            if upload.size is not None and upload.size > per_file:
+            if upload.size is not None and upload.size > form.per_file:
                 raise UploadError(413, f"{name}: {upload.size / 1e6:.1f} MB is over the limit of "
-                                       f"{_megabytes(limits.max_upload_mb)} per file (serve.max_upload_mb)")
+                                       f"{form.per_file_text}")
             files.append((name, upload.file))
         yield files
     finally:
-        await form.close()
+        await multipart.close()
 
 
 def read_files(uploads: list[tuple[str, BinaryIO]]) -> list[tuple[str, bytes]]:

@@ -1,4 +1,5 @@
-// chestct web page: model status, file upload (chooser or drag-and-drop), result display.
+// chestct web page: model status, file upload (chooser or drag-and-drop), result display; a zipped DICOM series
+// (posted to /predict/series) is shown as one card per series.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -11,6 +12,9 @@ const els = {
   fill: $("probability-fill"), marker: $("threshold-marker"), confidence: $("confidence"),
   format: $("model-format"), sha: $("model-sha"), image: $("result-image"), caption: $("result-caption"),
   toggle: $("gradcam-toggle"), gradcamNote: $("gradcam-note"),
+  seriesInput: $("series-input"), seriesButton: $("series-button"), seriesResult: $("series-result"),
+  seriesSummary: $("series-summary"), seriesList: $("series-list"), seriesModel: $("series-model"),
+  notDicom: $("not-dicom"), notDicomSummary: $("not-dicom-summary"), notDicomList: $("not-dicom-list"),
 };
 
 let previewUrl = null;   // object URL of the current preview, revoked when replaced
@@ -24,6 +28,8 @@ function setState(state) {
   els.busy.hidden = !busy;
   els.zone.setAttribute("aria-disabled", String(busy));
   els.input.disabled = busy;
+  els.seriesInput.disabled = busy;
+  els.seriesButton.disabled = busy;
 }
 
 // FastAPI sends {"detail": "..."}; its validation errors (422) send a list of {msg, loc}.
@@ -98,13 +104,13 @@ els.zone.addEventListener("drop", (e) => {
   dragDepth = 0;
   els.zone.classList.remove("dragover");
   const file = e.dataTransfer.files[0];
-  if (file && document.body.dataset.state !== "busy") analyse(file);
+  if (file && document.body.dataset.state !== "busy") (isZip(file) ? analyseSeries : analyse)(file);
 });
 // A file dropped next to the zone must not make the browser navigate away to it.
 window.addEventListener("dragover", (e) => e.preventDefault());
 window.addEventListener("drop", (e) => e.preventDefault());
 
-function showPreview(file) {
+function showPreview(file, note = "This file type cannot be shown by the browser; the preview will come from the server with the result.") {
   if (previewUrl) URL.revokeObjectURL(previewUrl);
   previewUrl = null;
   const kb = file.size < 1024 * 1024 ? `${Math.max(1, Math.round(file.size / 1024))} KB` : `${(file.size / 1048576).toFixed(1)} MB`;
@@ -117,7 +123,7 @@ function showPreview(file) {
     els.previewImg.alt = `Preview of the chosen file ${file.name}`;
   } else {
     els.previewImg.removeAttribute("src");
-    els.previewNote.textContent = "This file type cannot be shown by the browser; the preview will come from the server with the result.";
+    els.previewNote.textContent = note;
   }
   els.previewImg.hidden = !displayable;
   els.previewNote.hidden = displayable;
@@ -128,6 +134,7 @@ function showPreview(file) {
 async function analyse(file) {
   els.error.textContent = "";
   els.result.hidden = true;
+  els.seriesResult.hidden = true;
   els.placeholder.hidden = true;
   current = null;
   showPreview(file);
@@ -150,9 +157,9 @@ async function analyse(file) {
   }
 }
 
-function showError(message) {
+function showError(message, heading = "The image could not be analysed.") {
   const title = document.createElement("strong");
-  title.textContent = "The image could not be analysed.";
+  title.textContent = heading;
   els.announce.textContent = "";
   els.error.replaceChildren(title, document.createTextNode(message));
   if (els.previewImg.hidden) els.previewNote.textContent = "No preview: the server did not return one.";
@@ -213,5 +220,137 @@ function setGradcam(on) {
 els.toggle.addEventListener("click", () => {
   if (current && current.gradcam_png) setGradcam(els.toggle.getAttribute("aria-pressed") !== "true");
 });
+
+// ---- A zipped DICOM series ----------------------------------------------------------------
+const isZip = (file) => /\.zip$/i.test(file.name) || /zip/.test(file.type);
+
+els.seriesButton.addEventListener("click", () => {
+  if (document.body.dataset.state !== "busy") els.seriesInput.click();
+});
+els.seriesInput.addEventListener("change", () => {
+  const file = els.seriesInput.files[0];
+  els.seriesInput.value = "";
+  if (file) analyseSeries(file);
+});
+
+async function analyseSeries(file) {
+  els.error.textContent = "";
+  els.result.hidden = true;
+  els.seriesResult.hidden = true;
+  els.placeholder.hidden = true;
+  current = null;
+  showPreview(file, "A zipped series: each series' top slice and z-profile are shown with the result.");
+  els.busyText.textContent = els.announce.textContent = `Scoring every slice in ${file.name}…`;
+  setState("busy");
+
+  const form = new FormData();
+  form.append("file", file, file.name);
+  try {
+    const body = await getJson("/predict/series", { method: "POST", body: form });
+    showSeries(body, file.name);
+    setState("done");
+  } catch (err) {
+    const message = err instanceof TypeError ? `Could not reach the server (${err.message}). Is it running?` : err.message;
+    showError(message, "The series could not be analysed.");
+    els.previewNote.textContent = "A zipped series: no result.";
+    setState("error");
+  }
+}
+
+// A new element with a class and text (text only: file names come from the zip, never parsed as HTML).
+function make(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function lines(title, items) {
+  const box = make("div", "series-lines");
+  const list = make("ul");
+  items.forEach((item) => list.append(make("li", "", item)));
+  box.append(make("strong", "", title), list);
+  return box;
+}
+
+function figure(src, alt, caption, className) {
+  const fig = make("figure", className);
+  const img = make("img");
+  img.src = src;
+  img.alt = alt;
+  fig.append(img, make("figcaption", "", caption));
+  return fig;
+}
+
+function seriesCard(s) {
+  const card = make("article", "series-card");
+  card.dataset.diagnosis = s.diagnosis || "none";
+  card.append(make("h3", "", s.label));
+  const meta = [`${s.slices} slice${s.slices === 1 ? "" : "s"}`, s.description, s.kernel && `kernel ${s.kernel}`,
+    s.manufacturer].filter(Boolean).join(" · ");
+  card.append(make("p", "series-meta", meta));
+
+  const diagnosis = make("p", "diagnosis", s.diagnosis || "No series score");
+  diagnosis.dataset.diagnosis = s.diagnosis || "none";
+  card.append(diagnosis);
+  const scored = s.score !== null && s.score !== undefined;
+  card.append(make("p", "prob-text", scored
+    ? `Series score ${fmt(s.score)} — threshold ${fmt(s.threshold)}`
+    : `No series score — threshold ${fmt(s.threshold)} (each slice is scored below)`));
+  card.append(make("p", "series-rule", `Rule: ${s.rule}.`));
+  const problems = s.problems || [];
+  // With problems the note only repeats them: they are listed below instead.
+  if (s.note && !problems.length) card.append(make("p", "series-rule", `${s.note.charAt(0).toUpperCase()}${s.note.slice(1)}.`));
+  if (s.threshold_note) card.append(make("p", "series-rule", `Note: ${s.threshold_note}.`));
+
+  if (problems.length) card.append(lines("Why there is no series score:", problems));
+  if (s.skipped && s.skipped.length) card.append(lines("Slices left out (could not be decoded):", s.skipped));
+
+  const top = s.top_slice;
+  if (top) {
+    const z = top.z === null || top.z === undefined ? "" : `, z = ${Number(top.z).toFixed(1)} mm`;
+    const caption = `The slice that gave the score: ${top.file}${z}, cancer probability ${fmt(top.probability)}`;
+    if (s.top_slice_png) {
+      card.append(figure(s.top_slice_png, `Model input of ${top.file}, the slice that gave the series score`, caption, "top-slice"));
+    } else {
+      card.append(make("p", "series-rule", caption));
+    }
+  }
+  if (s.z_profile_png) {
+    card.append(figure(s.z_profile_png,
+      `z-profile of ${s.label}: the cancer probability of each slice along the table position, with the threshold as a dashed line`,
+      "Cancer probability of each slice along z (dashed: the threshold; grey: no lung fields found)", "z-profile"));
+  }
+  const slices = s.per_slice || [];
+  if (slices.length) {
+    const details = make("details", "not-dicom");
+    details.append(make("summary", "", `Every slice's probability (${slices.length})`));
+    const list = make("ul");
+    slices.forEach((item) => list.append(make("li", "", item.error
+      ? `${item.file}: not scored (${item.error})`
+      : `${item.file}: ${fmt(item.probability)}${item.in_lungs === false ? " (no lung fields found)" : ""}`)));
+    details.append(list);
+    card.append(details);
+  }
+  return card;
+}
+
+function showSeries(body, zipName) {
+  const series = body.series || [];
+  els.seriesSummary.textContent = `${series.length} series in ${zipName}`;
+  els.seriesList.replaceChildren(...series.map(seriesCard));
+  const others = body.not_dicom || [];
+  els.notDicom.hidden = others.length === 0;
+  els.notDicomSummary.textContent = `${others.length} file${others.length === 1 ? "" : "s"} in the zip ${others.length === 1 ? "is" : "are"} not DICOM slices`;
+  els.notDicomList.replaceChildren(...others.map((item) => make("li", "", `${item.file}: ${item.reason}`)));
+  const model = body.model || {};
+  els.seriesModel.textContent = `Model ${model.format || "unknown"}, sha256 ${(model.sha256 || "unknown").slice(0, 12)}`;
+  els.seriesModel.title = model.sha256 || "";
+  els.previewNote.textContent = `A zipped series: ${series.length} series scored.`;
+  els.seriesResult.hidden = false;
+  els.announce.textContent = "Result: " + series.map((s) => (s.score === null || s.score === undefined
+    ? `${s.label}: no series score`
+    : `${s.label}: ${s.diagnosis}, score ${fmt(s.score)}`)).join("; ") + ".";
+}
 
 loadStatus();
