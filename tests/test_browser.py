@@ -83,3 +83,33 @@ def test_the_drop_zone_is_reachable_by_keyboard(page):
     page.keyboard.press("Tab")
     focused = page.evaluate("document.activeElement.id")
     assert focused == "drop-zone"
+
+
+def test_upload_a_zipped_series_and_see_one_card_per_series(page, tmp_path):
+    import zipfile
+
+    from tests.series_factory import SeriesSpec, write_annotated_series
+
+    written = write_annotated_series(tmp_path / "series", SeriesSpec(slices=5, tumour_slices=(2,)))
+    archive = tmp_path / "series.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for path in sorted(written.root.rglob("*")):
+            if path.is_file():
+                bundle.write(path, path.relative_to(written.root).as_posix())
+    page.locator("#series-input").set_input_files(str(archive))
+    page.wait_for_selector("body[data-state=done]", timeout=60_000)
+
+    assert page.locator("#series-result").is_visible() and not page.locator("#result").is_visible()
+    cards = page.locator(".series-card")
+    assert cards.count() == 2
+    assert sorted(cards.nth(index).locator("h3").inner_text() for index in range(2)) == [
+        "PHANTOM-1_s2_SHARP", "PHANTOM-1_s3_SMOOTH"]
+    first = cards.nth(0)
+    assert first.locator(".diagnosis").inner_text() in ("Normal", "Cancer")
+    assert "highest slice probability" in first.inner_text() and "Series score" in first.inner_text()
+    assert page.evaluate("document.querySelector('.series-card .z-profile img').naturalWidth") > 300
+
+    if os.environ.get("CHESTCT_SCREENSHOT_DIR"):
+        target = Path(os.environ["CHESTCT_SCREENSHOT_DIR"]) / "serve-page-series.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(target), full_page=True)
