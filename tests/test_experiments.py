@@ -33,7 +33,7 @@ QUICK_PIPELINE = {
 }
 SWEEP = ("target_sensitivity", "fixed")  # both differ from the committed youden
 ALL_STAGES = ["download", "split", "preprocess", "robust_valid", "train_phase1", "train_phase2", "out_of_fold",
-              "evaluate", "export"]
+              "evaluate", "export", "external"]
 
 
 def stages_run(stdout: str) -> list[str]:
@@ -64,8 +64,8 @@ def clones(tmp_path_factory):
 def test_two_fresh_clones_give_identical_metrics_and_curves(clones):
     first, second = clones
     names = sorted(path.name for path in (first / "metrics").glob("*.json"))
-    assert names == ["data.json", "eval.json", "export.json", "preprocess.json", "summary.json", "train_phase1.json",
-                     "train_phase2.json"]
+    assert names == ["data.json", "eval.json", "export.json", "external.json", "preprocess.json", "summary.json",
+                     "train_phase1.json", "train_phase2.json"]
     compared = [f"metrics/{name}" for name in names] + ["models/threshold.json"]
     compared += sorted(str(path.relative_to(first)) for path in (first / "plots/eval").glob("*.csv"))
     for relative in compared:
@@ -76,10 +76,11 @@ def test_two_fresh_clones_give_identical_metrics_and_curves(clones):
 
 
 def test_one_experiment_from_the_command_line(clones):
-    """`dvc exp run -S key=value` overrides any param; an evaluate-only change reruns evaluate and export only."""
+    """`dvc exp run -S key=value` overrides any param; an evaluate-only change reruns evaluate, export and the
+    external panel (which scores the new export) only."""
     repo = clones[0]
     result = run(["dvc", "exp", "run", "-S", "evaluate.bootstrap_resamples=300", "--name", "more-resamples"], repo)
-    assert stages_run(result.stdout) == ["evaluate", "export"]
+    assert stages_run(result.stdout) == ["evaluate", "export", "external"]
     shown = run(["dvc", "exp", "show", "--csv"], repo).stdout
     row = next(r for r in csv.DictReader(io.StringIO(shown)) if r["Experiment"] == "more-resamples")
     assert row["evaluate.bootstrap_resamples"] == "300"
@@ -105,7 +106,7 @@ def test_a_queued_sweep_runs_every_point_and_lists_its_metrics(clones):
     for method, row in swept.items():
         assert 0.0 <= float(row[auc_column]) <= 1.0, row
         log = run(["dvc", "queue", "logs", row["Experiment"]], repo).stdout
-        assert stages_run(log) == ["evaluate", "export"], (method, log[-2000:])
+        assert stages_run(log) == ["evaluate", "export", "external"], (method, log[-2000:])
 
 
 QUEUE_DEADLINE_S = 900
