@@ -26,7 +26,7 @@ from typing import BinaryIO
 from chestct.imaging.files import upload_limit_bytes
 from chestct.params import ServeParams
 from chestct.serving.schema import SERIES_FIELD
-from chestct.serving.uploads import UploadError
+from chestct.serving.upload_errors import UploadError
 
 # A zip may hold serve.max_files * MEMBERS_PER_FILE members (1024 with the defaults). A 512x512 16-bit CT slice is
 # about 0.5 MB, so MAX_EXTRACTED_BYTES holds about 1000 slices: the member limit matches what the total allows

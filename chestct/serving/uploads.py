@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import anyio
@@ -26,6 +26,7 @@ from starlette.requests import Request
 from chestct.imaging.files import upload_limit_bytes
 from chestct.params import ServeParams
 from chestct.serving.schema import FIELD, SERIES_FIELD
+from chestct.serving.upload_errors import UploadError
 
 MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around the file parts
 # Slowest average body rate accepted once serve.body_timeout_s has passed (Apache's mod_reqtimeout uses the same
@@ -33,13 +34,6 @@ MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around the file parts
 # passes and a client sending a byte a second is dropped after body_timeout_s.
 MIN_BODY_RATE = 1000  # bytes per second
 CLOSE_CONNECTION = {"Connection": "close"}  # uvicorn closes the connection after a response carrying it
-
-
-@dataclass
-class UploadError(Exception):
-    status_code: int
-    detail: str
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 def _megabytes(limit: float) -> str:
