@@ -240,6 +240,24 @@ def test_a_labelled_set_with_one_class_stops_naming_the_set(tmp_path, tiny_expor
         _run([entry], Predictor(tiny_export), tmp_path)
 
 
+def test_a_labelled_set_is_scored_by_evaluate_external_itself(tmp_path, tiny_export):
+    from chestct.serving.predictor import Predictor
+    from tests.serving_support import phantom_images
+
+    folder = tmp_path / "clinic"
+    for index, (label, gray) in enumerate(phantom_images(count=8, seed=5)):
+        save_image(folder / ("Tumour" if label else "Benign") / f"{index}.png", gray)
+    entry = ExternalSetParams(name="clinic", path=str(folder), kind="labelled", label_map=["Benign=0", "Tumour=1"])
+    metrics, _ = _run([entry], Predictor(tiny_export), tmp_path)
+    figures = metrics["clinic"]
+    report = json.loads((tmp_path / "plots" / "clinic" / "metrics.json").read_text())  # evaluate-external's folder
+    assert figures["n"] == 8 == report["metrics"]["n"]
+    for key in ("auc", "sensitivity", "specificity"):
+        assert figures[key] == pytest.approx(report["metrics"][key], abs=1e-6), key
+    assert figures["auc_ci"] == report["metrics"]["auc_ci"] and report["threshold"]["value"] == pytest.approx(
+        Predictor(tiny_export).threshold)
+
+
 def test_the_params_refuse_repeated_names_and_misplaced_label_maps(default_params):
     raw = default_params.model_dump(mode="json")
 
