@@ -47,8 +47,8 @@ def z_profile_figure(results: Sequence[SeriesScore], threshold: float, boxed: se
                           label="tumour slice (boxed)")
         axis.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:.3f}")
         if result.top is not None:
-            axis.annotate("series score", (x[result.slices.index(result.top)], result.top.probability),
-                          textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
+            axis.plot([x[result.slices.index(result.top)]], [result.top.probability], "o", markersize=11,
+                      markerfacecolor="none", markeredgecolor="black", label="the slice that gave the series score")
         axis.set_ylim(-0.02, 1.02)
         axis.set_xlabel(x_label, fontsize=8)
         axis.set_ylabel("p(cancer)", fontsize=8)
