@@ -132,7 +132,13 @@ NOT_IN_DIGEST = {"external"}
 
 def params_digest(params: Params) -> str:
     """sha256 of the validated params that make the model, independent of comments and key order in params.yaml."""
-    canonical = json.dumps(params.model_dump(mode="json", exclude=NOT_IN_DIGEST), sort_keys=True)
+    # Section by section (not model_dump(exclude=...)), so only the sections in the digest are read.
+    values = {}
+    for name in type(params).model_fields:
+        if name not in NOT_IN_DIGEST:
+            value = getattr(params, name)
+            values[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    canonical = json.dumps(values, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
