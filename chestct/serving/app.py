@@ -174,6 +174,25 @@ def _series_answer(predictor: Predictor, upload: str, file: BinaryIO) -> dict:
     return without_server_paths(answer, predictor.export_dir, temporary)
 
 
+def dropped(request: Request, what: str) -> Response:
+    """A client that went away before `what` was complete: logged; the answer is never sent."""
+    client = request.client.host if request.client else "a client"
+    log.info("chestct: %s disconnected before %s was complete; request dropped", client, what)
+    return Response(status_code=400)  # never sent: the connection is gone
+
+
+def refusal(request: Request, exc: UploadError | ServerBusyError) -> HTTPException:
+    """The HTTP answer to a refused upload (its status) or a full set of prediction slots (503), counted."""
+    metrics: ServiceMetrics = request.app.state.metrics
+    if isinstance(exc, ServerBusyError):
+        log.warning("chestct: %s", exc)
+        metrics.count_rejection(request, 503, "busy")
+        return HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+    reason = exc.reason if isinstance(exc, ZipRefusedError) else upload_rejection_reason(exc.status_code)
+    metrics.count_rejection(request, exc.status_code, reason)
+    return HTTPException(exc.status_code, exc.detail, headers=exc.headers or None)
+
+
 # --- the app --------------------------------------------------------------------------------------------------
 
 
@@ -211,6 +230,12 @@ def create_app(export_dir: str | Path | None = None, formats: tuple[str, ...] | 
             raise HTTPException(503, request.app.state.unavailable)
         return predictor
 
+    def counted_predictor_or_503(request: Request) -> Predictor:
+        """predictor_or_503 for the prediction routes, which count a request refused for want of a model."""
+        if request.app.state.predictor is None:
+            request.app.state.metrics.count_rejection(request, 503, "no_model")
+        return predictor_or_503(request)
+
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
@@ -242,9 +267,7 @@ def create_app(export_dir: str | Path | None = None, formats: tuple[str, ...] | 
               response_model=PredictResponse, responses=PREDICT_ERRORS, openapi_extra=UPLOAD_BODY)
     async def predict(request: Request, gradcam: bool = Query(False, description="add a Grad-CAM overlay PNG")):
         metrics: ServiceMetrics = request.app.state.metrics
-        if request.app.state.predictor is None:
-            metrics.count_rejection(request, 503, "no_model")
-        predictor = predictor_or_503(request)
+        predictor = counted_predictor_or_503(request)
         try:
             # Reading the files, decoding them (one after another) and the model run in a worker thread, so the
             # event loop keeps answering /health, and inside a slot, so memory stays bounded however many requests
@@ -252,19 +275,12 @@ def create_app(export_dir: str | Path | None = None, formats: tuple[str, ...] | 
             async with received_uploads(request, predictor.serve_params) as uploads, request.app.state.slots.hold():
                 results = await run_in_threadpool(_predict_results, predictor, uploads, gradcam)
         except ClientDisconnect:
-            client = request.client.host if request.client else "a client"
-            log.info("chestct: %s disconnected before its upload was complete; request dropped", client)
-            return Response(status_code=400)  # never sent: the connection is gone
-        except UploadError as exc:
-            metrics.count_rejection(request, exc.status_code, upload_rejection_reason(exc.status_code))
-            raise HTTPException(exc.status_code, exc.detail, headers=exc.headers or None) from None
+            return dropped(request, "its upload")
+        except (UploadError, ServerBusyError) as exc:
+            raise refusal(request, exc) from None
         except ImageDecodeError as exc:
             metrics.count_rejection(request, _decode_status(exc), error_reason(exc))
             raise HTTPException(_decode_status(exc), str(exc)) from None
-        except ServerBusyError as exc:
-            log.warning("chestct: %s", exc)
-            metrics.count_rejection(request, 503, "busy")
-            raise HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
         metrics.count_diagnoses("native", (result["diagnosis"] for result in results))
         return {"results": results}
 
@@ -273,9 +289,7 @@ def create_app(export_dir: str | Path | None = None, formats: tuple[str, ...] | 
               responses=SERIES_ERRORS, openapi_extra=SERIES_UPLOAD_BODY)
     async def predict_series(request: Request):
         metrics: ServiceMetrics = request.app.state.metrics
-        if request.app.state.predictor is None:
-            metrics.count_rejection(request, 503, "no_model")
-        predictor = predictor_or_503(request)
+        predictor = counted_predictor_or_503(request)
         serve = predictor.serve_params
         try:
             # As /predict: the zip waits for a slot in starlette's spooled file; unpacking and scoring run in a
@@ -284,17 +298,9 @@ def create_app(export_dir: str | Path | None = None, formats: tuple[str, ...] | 
                 name, file = uploads[0]
                 answer = await run_in_threadpool(_series_answer, predictor, name, file)
         except ClientDisconnect:
-            client = request.client.host if request.client else "a client"
-            log.info("chestct: %s disconnected before its zip was complete; request dropped", client)
-            return Response(status_code=400)  # never sent: the connection is gone
-        except UploadError as exc:
-            reason = exc.reason if isinstance(exc, ZipRefusedError) else upload_rejection_reason(exc.status_code)
-            metrics.count_rejection(request, exc.status_code, reason)
-            raise HTTPException(exc.status_code, exc.detail, headers=exc.headers or None) from None
-        except ServerBusyError as exc:
-            log.warning("chestct: %s", exc)
-            metrics.count_rejection(request, 503, "busy")
-            raise HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
+            return dropped(request, "its zip")
+        except (UploadError, ServerBusyError) as exc:
+            raise refusal(request, exc) from None
         metrics.count_diagnoses("series", (CLASS_NAMES[slice_["decision"]] for item in answer["series"]
                                            for slice_ in item["per_slice"] if slice_["decision"] is not None))
         return answer
