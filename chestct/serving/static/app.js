@@ -131,15 +131,24 @@ function showPreview(file, note = "This file type cannot be shown by the browser
 }
 
 // ---- Prediction ---------------------------------------------------------------------------
-async function analyse(file) {
+// Clears the last answer, previews the file and shows the busy state: the start of every analysis.
+function startAnalysis(file, busyText, previewNote) {
   els.error.textContent = "";
   els.result.hidden = true;
   els.seriesResult.hidden = true;
   els.placeholder.hidden = true;
   current = null;
-  showPreview(file);
-  els.busyText.textContent = els.announce.textContent = `Analysing ${file.name}…`;
+  showPreview(file, previewNote);
+  els.busyText.textContent = els.announce.textContent = busyText;
   setState("busy");
+}
+
+// A TypeError from fetch means no answer at all (server down, connection lost).
+const failureMessage = (err) =>
+  err instanceof TypeError ? `Could not reach the server (${err.message}). Is it running?` : err.message;
+
+async function analyse(file) {
+  startAnalysis(file, `Analysing ${file.name}…`);
 
   const form = new FormData();
   form.append("files", file, file.name);
@@ -150,9 +159,7 @@ async function analyse(file) {
     showResult(result);
     setState("done");
   } catch (err) {
-    // A TypeError from fetch means no answer at all (server down, connection lost).
-    const message = err instanceof TypeError ? `Could not reach the server (${err.message}). Is it running?` : err.message;
-    showError(message);
+    showError(failureMessage(err));
     setState("error");
   }
 }
@@ -234,14 +241,8 @@ els.seriesInput.addEventListener("change", () => {
 });
 
 async function analyseSeries(file) {
-  els.error.textContent = "";
-  els.result.hidden = true;
-  els.seriesResult.hidden = true;
-  els.placeholder.hidden = true;
-  current = null;
-  showPreview(file, "A zipped series: each series' top slice and z-profile are shown with the result.");
-  els.busyText.textContent = els.announce.textContent = `Scoring every slice in ${file.name}…`;
-  setState("busy");
+  startAnalysis(file, `Scoring every slice in ${file.name}…`,
+    "A zipped series: each series' top slice and z-profile are shown with the result.");
 
   const form = new FormData();
   form.append("file", file, file.name);
@@ -250,8 +251,7 @@ async function analyseSeries(file) {
     showSeries(body, file.name);
     setState("done");
   } catch (err) {
-    const message = err instanceof TypeError ? `Could not reach the server (${err.message}). Is it running?` : err.message;
-    showError(message, "The series could not be analysed.");
+    showError(failureMessage(err), "The series could not be analysed.");
     els.previewNote.textContent = "A zipped series: no result.";
     setState("error");
   }
