@@ -80,6 +80,30 @@ def tiny_export(tmp_path_factory, default_params) -> Path:
     return build_tiny_export(tmp_path_factory.mktemp("export") / "export", default_params)
 
 
+@pytest.fixture(scope="module")
+def client(tiny_export):
+    """The app over the tiny export, in process (one per test module: each starts with fresh metrics)."""
+    from fastapi.testclient import TestClient
+
+    from chestct.serving.app import create_app
+
+    with TestClient(create_app(tiny_export), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.fixture()
+def limits(client):
+    """Change the loaded model's serving limits for one test, then restore them."""
+    predictor = client.app.state.predictor
+    original = predictor.serve_params
+
+    def set_limits(**changes):
+        predictor.serve_params = original.model_copy(update=changes)
+
+    yield set_limits
+    predictor.serve_params = original
+
+
 @pytest.fixture(scope="session")
 def live_server(tiny_export):
     """The service on loopback in a background thread: yields its base URL."""

@@ -44,25 +44,6 @@ def export_copy(export_dir: Path, target: Path, formats: tuple[str, ...] = ("ker
 
 
 @pytest.fixture(scope="module")
-def client(tiny_export):
-    with TestClient(create_app(tiny_export), raise_server_exceptions=False) as client:
-        yield client
-
-
-@pytest.fixture()
-def limits(client):
-    """Change the loaded model's serving limits for one test, then restore them."""
-    predictor = client.app.state.predictor
-    original = predictor.serve_params
-
-    def set_limits(**changes):
-        predictor.serve_params = original.model_copy(update=changes)
-
-    yield set_limits
-    predictor.serve_params = original
-
-
-@pytest.fixture(scope="module")
 def scan() -> bytes:
     return png_bytes(phantom_images(count=1)[0][1])
 

@@ -8,7 +8,6 @@ from contextlib import asynccontextmanager
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -18,12 +17,6 @@ from chestct.serving.observability import model_version
 from tests.serving_support import phantom_images, png_bytes
 
 INFER_ROUTE = "/v2/models/{model_name}/infer"
-
-
-@pytest.fixture(scope="module")
-def client(tiny_export):
-    with TestClient(create_app(tiny_export), raise_server_exceptions=False) as client:
-        yield client
 
 
 def scrape(client) -> dict[tuple[str, tuple], float]:

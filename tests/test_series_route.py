@@ -25,25 +25,6 @@ from tests.series_factory import SeriesSpec, write_annotated_series
 ROUTE = "/predict/series"
 
 
-@pytest.fixture(scope="module")
-def client(tiny_export):
-    with TestClient(create_app(tiny_export), raise_server_exceptions=False) as client:
-        yield client
-
-
-@pytest.fixture()
-def limits(client):
-    """Change the loaded model's serving limits for one test, then restore them."""
-    predictor = client.app.state.predictor
-    original = predictor.serve_params
-
-    def set_limits(**changes):
-        predictor.serve_params = original.model_copy(update=changes)
-
-    yield set_limits
-    predictor.serve_params = original
-
-
 @pytest.fixture()
 def spool(tmp_path, monkeypatch) -> Path:
     """The temporary folder the service unpacks into, made observable: tempfile's root for this test."""
