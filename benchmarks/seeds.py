@@ -73,7 +73,7 @@ def external_figures(metrics: dict) -> dict:
         if isinstance(value, dict):
             for key, inner in value.items():
                 walk(f"{prefix}.{key}", inner)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) or value is None:
+        elif value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
             figures[f"external: {prefix}"] = value
 
     for name, section in metrics.items():

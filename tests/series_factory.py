@@ -134,6 +134,7 @@ class RulePredictor:
     from the default serve params); the model input is the decoded slice itself."""
 
     format = "rule"
+    sha256 = "rule"
     gradcam_available = False
     threshold = 0.5
 
@@ -156,6 +157,12 @@ class RulePredictor:
 
     def prepare(self, source, name=None) -> np.ndarray:
         return self.prepare_decoded(self.decode(source, name))
+
+    def decide(self, *args, **kwargs):
+        """The real Predictor's decision at this threshold (batch scoring builds its rows with it)."""
+        from chestct.serving.predictor import Predictor
+
+        return Predictor.decide(self, *args, **kwargs)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         images = images[..., 0].astype(np.float64)

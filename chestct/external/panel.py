@@ -24,27 +24,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from sklearn.metrics import roc_auc_score
-from tqdm import tqdm
 
 from chestct.atomic_io import atomic_path, write_json
 from chestct.decision import decide
 from chestct.errors import ChestctError
 from chestct.evaluation.metrics import wilson_interval
 from chestct.evaluation.plots import gradcam_grid_png, score_histogram_png
+from chestct.external.batch import list_inputs, score_inputs
 from chestct.external.boxes import BoxFileError, read_box_files
 from chestct.external.records import ExternalDataError, walk_files
 from chestct.external.series import SAME_POSITION_MM, Series, list_series
 from chestct.external.series_plots import z_profile_png
 from chestct.external.series_scoring import SeriesScore, SliceScore, score_series
-from chestct.external.validation import error_reason, evaluate_external
+from chestct.external.validation import evaluate_external
 from chestct.imaging.anatomy import mask_share
-from chestct.imaging.files import read_image_file, upload_limit_bytes
+from chestct.imaging.files import upload_limit_bytes
 from chestct.imaging.preprocess import carry_region
 from chestct.params import ExternalSetParams
 
 SCORE_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+OUTLINE_KERNEL = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))  # a region less its eroded self: its outline
 
 
 class PanelError(ChestctError, ValueError):
@@ -78,8 +80,12 @@ def resolve_set_folder(entry: ExternalSetParams, root: Path) -> Path:
     return folder
 
 
+def _relative(path: str | Path, folder: Path) -> str:
+    return Path(os.path.relpath(path, folder)).as_posix()
+
+
 def _skipped_entries(listing_skipped: Sequence[tuple[Path, str]], folder: Path) -> list[dict]:
-    return [{"file": os.path.relpath(path, folder), "reason": reason} for path, reason in listing_skipped]
+    return [{"file": _relative(path, folder), "reason": reason} for path, reason in listing_skipped]
 
 
 # --- labelled: evaluate-external's own run ------------------------------------------------------------------
@@ -88,9 +94,9 @@ def _skipped_entries(listing_skipped: Sequence[tuple[Path, str]], folder: Path) 
 def score_labelled(entry: ExternalSetParams, folder: Path, predictor, out_dir: Path,
                    settings: PanelSettings) -> tuple[dict, dict]:
     try:
-        result = evaluate_external(folder, entry.label_map, export_dir=predictor.export_dir,
-                                   formats=(predictor.format,), out_dir=out_dir, params_path=settings.params_file,
-                                   batch_size=settings.batch_size, progress=settings.progress)
+        result = evaluate_external(folder, entry.label_map, export_dir=predictor.export_dir, out_dir=out_dir,
+                                   params_path=settings.params_file, batch_size=settings.batch_size,
+                                   progress=settings.progress, predictor=predictor)
     except ExternalDataError as exc:
         raise PanelError(f"external set {entry.name!r} ({entry.path}): {exc}") from None
     metrics = result.report["metrics"]
@@ -104,40 +110,12 @@ def score_labelled(entry: ExternalSetParams, folder: Path, predictor, out_dir: P
 # --- normal_only ----------------------------------------------------------------------------------------------
 
 
-def score_files(predictor, files: Sequence[Path], folder: Path, settings: PanelSettings
-                ) -> tuple[list[tuple[str, float]], list[dict]]:
-    """(relative name, probability) of every file that decodes, and the others with their reason."""
-    max_bytes = upload_limit_bytes(predictor.serve_params.max_upload_mb)
-    scored: list[tuple[str, float]] = []
-    skipped: list[dict] = []
-    names: list[str] = []
-    images: list[np.ndarray] = []
-
-    def flush() -> None:
-        if images:
-            scored.extend(zip(names, map(float, predictor.probabilities(np.stack(images))), strict=True))
-            names.clear()
-            images.clear()
-
-    for path in tqdm(files, desc="scoring", unit="img", disable=not settings.progress):
-        relative = Path(os.path.relpath(path, folder)).as_posix()
-        try:
-            images.append(predictor.prepare(read_image_file(path, relative, max_bytes), relative))
-        except Exception as exc:  # noqa: BLE001  (a file that is not an image is listed, never fatal)
-            skipped.append({"file": relative, "reason": error_reason(exc, relative)})
-            continue
-        names.append(relative)
-        if len(images) >= settings.batch_size:
-            flush()
-    flush()
-    return scored, skipped
-
-
 def score_normal_only(entry: ExternalSetParams, folder: Path, predictor, out_dir: Path,
                       settings: PanelSettings) -> tuple[dict, dict]:
-    listing = walk_files(folder)
-    scored, skipped = score_files(predictor, listing.files, folder, settings)
-    skipped += _skipped_entries(listing.skipped, folder)
+    # The batch scoring of `chestct predict DIR --csv`: one row per file, with its probability or its error.
+    rows = score_inputs(predictor, list_inputs([folder]), settings.batch_size, settings.progress)
+    scored = [(_relative(row["file"], folder), float(row["probability"])) for row in rows if not row["error"]]
+    skipped = [{"file": _relative(row["file"], folder), "reason": row["error"]} for row in rows if row["error"]]
     if not scored:
         shown = "; ".join(f"{item['file']}: {item['reason']}" for item in skipped[:5])
         raise PanelError(f"external set {entry.name!r}: no image under {folder} could be scored"
@@ -250,21 +228,13 @@ def gradcam_in_box(predictor, boxed_slices: Sequence[SliceScore], boxes: dict, c
     tiles = []
     for item, heatmap, region, share in list(zip(usable, heatmaps, regions, shares, strict=True))[:count]:
         tile = overlay(item.image, heatmap)
-        tile[region ^ _eroded(region)] = (255, 255, 255)  # the box outline, in the model input's geometry
+        outline = region & ~cv2.erode(region.astype(np.uint8), OUTLINE_KERNEL).astype(bool)
+        tile[outline] = (255, 255, 255)  # the box, in the model input's geometry
         caption = f"p={item.probability:.2f} in box {'n/a' if share is None else f'{share:.2f}'}"
         tiles.append((tile, caption))
     return {"in_box_gradcam_share": _round(np.mean(defined)) if defined else None,
             "in_box_area_share": _round(np.mean([region.mean() for region in regions])),
             "in_box_note": f"{len(defined)} boxed slices with a non-zero map"}, tiles
-
-
-def _eroded(region: np.ndarray) -> np.ndarray:
-    inner = region.copy()
-    inner[1:, :] &= region[:-1, :]
-    inner[:-1, :] &= region[1:, :]
-    inner[:, 1:] &= region[:, :-1]
-    inner[:, :-1] &= region[:, 1:]
-    return inner
 
 
 def _slices_csv(path: Path, results: Sequence[SeriesScore], boxed: set[str]) -> None:
@@ -289,7 +259,7 @@ def score_annotated_series(entry: ExternalSetParams, folder: Path, predictor, ou
     xml_files = [path for path in listing.files if path.suffix.lower() == ".xml"]
     slice_files = [path for path in listing.files if path.suffix.lower() != ".xml"]
     try:
-        boxes = read_box_files([(path, os.path.relpath(path, folder)) for path in xml_files])
+        boxes = read_box_files([(path, _relative(path, folder)) for path in xml_files])
     except BoxFileError as exc:
         raise PanelError(f"external set {entry.name!r}: {exc}") from None
     found = list_series(slice_files, folder, upload_limit_bytes(predictor.serve_params.max_upload_mb))
@@ -316,15 +286,15 @@ def score_annotated_series(entry: ExternalSetParams, folder: Path, predictor, ou
     scored = [item for result in results for item in result.slices if item.probability is not None]
     boxed_scored = [item for item in scored if is_boxed(item.header)]
     other_scored = [item for item in scored if not is_boxed(item.header)]
-    kernel, per_pair = _kernel_figures(kernel_pairs(results))
-    attention, tiles = gradcam_in_box(predictor, boxed_scored, boxes, settings.gradcam_images)
     skipped = (_skipped_entries(listing.skipped, folder) + orphans
-               + [{"file": os.path.relpath(path, folder), "reason": reason} for path, reason in found.not_dicom]
+               + _skipped_entries(found.not_dicom, folder)
                + [{"file": item.header.relative, "reason": item.error} for result in results
                   for item in result.slices if item.error])
     if not scored:
         raise PanelError(f"external set {entry.name!r}: no slice could be decoded ({skipped[0]['file']}: "
                          f"{skipped[0]['reason']})")
+    kernel, per_pair = _kernel_figures(kernel_pairs(results))
+    attention, tiles = gradcam_in_box(predictor, boxed_scored, boxes, settings.gradcam_images)
     figures = {"kind": entry.kind, "n": len(scored), "series": len(results), "boxed_slices": len(boxed_scored),
                "within_series_auc": _round(np.mean(defined)) if defined else None,
                "within_series_auc_per_series": {label: values["auc"] for label, values in per_series.items()},

@@ -266,8 +266,9 @@ def evaluate_external(data_dir: str | Path, label_map_entries: Sequence[str], ex
                       formats: tuple[str, ...] | None = None, out_dir: str | Path | None = None,
                       dedup: bool = False, params_path: str | Path | None = None, resamples: int | None = None,
                       level: float | None = None, seed: int | None = None, batch_size: int = 32,
-                      progress: bool = True) -> ExternalResult:
-    """Score every image under the mapped folders and write the report folder; see the module docstring."""
+                      progress: bool = True, predictor: Predictor | None = None) -> ExternalResult:
+    """Score every image under the mapped folders and write the report folder; see the module docstring.
+    `predictor`: an already loaded model to score with (the external stage's), instead of loading the export's."""
     data_dir = Path(data_dir)
     if batch_size < 1:
         raise ExternalDataError(f"--batch-size must be at least 1, got {batch_size}")
@@ -280,7 +281,8 @@ def evaluate_external(data_dir: str | Path, label_map_entries: Sequence[str], ex
     found = discover_files(data_dir, label_map)
     _check_classes_present(found.files, label_map, "files", found.skipped)
 
-    predictor = Predictor(export_dir, formats)  # formats None: $CHESTCT_FORMATS or the default order
+    if predictor is None:
+        predictor = Predictor(export_dir, formats)  # formats None: $CHESTCT_FORMATS or the default order
     digests, read_errors = hash_files(found.files, progress)
     scored = score_contents(predictor, found.files, digests, batch_size, progress)
 
