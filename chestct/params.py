@@ -169,6 +169,18 @@ class BackboneBatchnormParams(Section):
     momentum: Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
+class LesionMapParams(Section):
+    """model.lesion_map: a per-position lesion probability map, the slice score pooled from it."""
+
+    enabled: bool = False
+    stride: Literal[8, 16] = 8
+    pooling: Literal["max", "top_k", "lse"] = "lse"
+    top_k: PositiveInt = 4
+    lse_sharpness: Annotated[float, Field(gt=0.0, le=100.0)] = 5.0
+    decoder_channels: PositiveInt = 64
+    min_lung_coverage: Probability = 0.25
+
+
 class ModelParams(Section):
     backbone: RegistryName
     weights: str | None
@@ -176,6 +188,7 @@ class ModelParams(Section):
     head: HeadParams
     unfreeze: dict[RegistryName, UnfreezeAmount]
     backbone_batchnorm: BackboneBatchnormParams
+    lesion_map: LesionMapParams = LesionMapParams()
 
 
 # --- augment ----------------------------------------------------------------------------------------------
@@ -266,6 +279,21 @@ class MixupParams(Section):
     alpha: Annotated[float, Field(gt=0.0)]
 
 
+class LesionInsertionParams(Section):
+    """augment.lesion_insertion: how a lesion is put into a Normal training slice (chestct.training.lesions)."""
+
+    diameter: tuple[Annotated[float, Field(gt=0.0, le=0.6)], Annotated[float, Field(gt=0.0, le=0.6)]] = (0.08, 0.2)
+    border_margin: Annotated[float, Field(ge=0.0, le=0.3)] = 0.03
+    contrast: tuple[Annotated[float, Field(ge=0.0, le=2.0)], Annotated[float, Field(ge=0.0, le=2.0)]] = (0.8, 1.1)
+    variants: PositiveInt = 6
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LesionInsertionParams:
+        _ordered_pair(self.diameter, "diameter")
+        _ordered_pair(self.contrast, "contrast")
+        return self
+
+
 class AugmentParams(Section):
     rotation: RotationParams
     shift: FractionAugParams
@@ -282,6 +310,7 @@ class AugmentParams(Section):
     blur: BlurParams
     jpeg: JpegParams
     mixup: MixupParams
+    lesion_insertion: LesionInsertionParams = LesionInsertionParams()
 
 
 # --- train ------------------------------------------------------------------------------------------------
@@ -305,6 +334,22 @@ class PhaseParams(Section):
     learning_rate: Annotated[float, Field(gt=0.0, le=1.0)]
 
 
+class LesionSupervisionParams(Section):
+    """train.lesion_supervision: dense lesion-map targets mixed into training (needs model.lesion_map)."""
+
+    map_loss_weight: Annotated[float, Field(ge=0.0)] = 1.0
+    procedural_rate: Probability = 0.0
+    bank_rate: Probability = 0.0
+    bank_path: str = "../shared/data/lidc-nodules"
+
+    @model_validator(mode="after")
+    def _rates(self) -> LesionSupervisionParams:
+        if self.procedural_rate + self.bank_rate > 1.0:
+            raise ValueError(f"procedural_rate + bank_rate must not exceed 1 (they share the Normal half of a "
+                             f"batch), got {self.procedural_rate} + {self.bank_rate}")
+        return self
+
+
 class TrainParams(Section):
     batch_size: Annotated[int, Field(ge=2)]
     balanced_batches: bool
@@ -316,10 +361,11 @@ class TrainParams(Section):
     deterministic: bool
     loss: LossParams
     early_stopping_patience: NonNegativeInt
-    selection: Literal["val_auc", "val_auc_robust"]
+    selection: Literal["val_auc", "val_auc_robust", "val_auc_lesion"]
     reduce_lr: ReduceLrParams
     phase1: PhaseParams
     phase2: PhaseParams
+    lesion_supervision: LesionSupervisionParams = LesionSupervisionParams()
 
 
 # --- evaluate, export, serve ------------------------------------------------------------------------------
@@ -434,6 +480,14 @@ class Params(Section):
     serve: ServeParams
     # Params files written before the cross-source stage have no `external` section: no sets.
     external: ExternalParams = ExternalParams()
+
+    @model_validator(mode="after")
+    def _supervision_needs_a_map(self) -> Params:
+        supervision = self.train.lesion_supervision
+        if (supervision.procedural_rate or supervision.bank_rate) and not self.model.lesion_map.enabled:
+            raise ValueError("train.lesion_supervision: inserted lesions train the lesion map; set "
+                             "model.lesion_map.enabled: true, or both rates to 0")
+        return self
 
 
 def _describe(error: dict) -> str:

@@ -28,6 +28,7 @@ from chestct.evaluation.shortcuts import raw_grayscale, shortcut_audit
 from chestct.evaluation.thresholds import choose_threshold, threshold_record
 from chestct.imaging.processed import load_split
 from chestct.params import load_params
+from chestct.training.lesion_check import build_lesion_check, lesion_check_auc
 from chestct.training.model import load_trained_model
 from stages.errors import run_stage
 
@@ -52,6 +53,17 @@ def _robustness(predict, train_gray, test_gray, test, clean_auc, threshold, para
     plots.robustness_png(PLOTS / "robustness.png", report, settings.confidence_level)
     return {**report["perturbations"], "clean_auc": report["clean_auc"], "worst_auc": report["worst_auc"],
             "worst": report["worst"], "worst_drop": report["worst_drop"]}
+
+
+def _lesion_check(predict, params) -> dict:
+    """The inserted-lesion check on the validation and the test Normals (chestct.training.lesion_check)."""
+    report = {}
+    for split in ("valid", "test"):
+        check = build_lesion_check(load_split(PROCESSED / split), params.augment.lesion_insertion,
+                                   params.preprocess, params.seed)
+        report[f"{split}_auc"] = None if check is None else lesion_check_auc(check, predict)
+        report[f"{split}_n"] = 0 if check is None else len(check)
+    return report
 
 
 def _gradcam_grid(model, test, test_scores, threshold, settings, attention_maps, kept) -> None:
@@ -118,6 +130,7 @@ def main() -> None:
             "ablation": ablation_report(predict, test.images, test.labels, attention_maps[2],
                                         settings.confidence_level, settings.bootstrap_resamples, seed)
             | {"kept": params.preprocess.mask}}
+    metrics["lesion_check"] = _lesion_check(predict, params)
     if settings.robustness.enabled:
         metrics["robustness"] = _robustness(predict, train_gray, test_gray, test, metrics["test"]["auc"], threshold,
                                             params)
@@ -174,6 +187,9 @@ def _print_summary(metrics: dict, choice: dict) -> None:
         else:
             print(f"  test AUC on the lungs alone {ablation['lungs_only']['auc']}, with the lungs emptied "
                   f"{ablation['lungs_emptied']['auc']} (a lesion detector keeps the first and loses the second)")
+    check = metrics["lesion_check"]
+    print(f"  inserted-lesion check (the same Normal with and without a lesion put in): test AUC {check['test_auc']} "
+          f"(n={check['test_n']}), validation {check['valid_auc']} (n={check['valid_n']})")
     if "robustness" in metrics:
         r = metrics["robustness"]
         print(f"  robustness: worst AUC {r['worst_auc']} under {r['worst']} (clean {r['clean_auc']})")

@@ -27,7 +27,7 @@ def main() -> None:
     params = load_params()
     setup = prepare_training(params, PROCESSED, ROBUST_VALID)
     with setup.strategy.scope():
-        model = load_trained_model(PHASE1_MODEL)
+        model = load_trained_model(PHASE1_MODEL, keep_lesion_map=True)
         unfrozen = unfreeze_for_finetuning(model, params.model)
         loss = compile_for_phase(model, params, params.train.phase2)
     print(f"phase2: {unfrozen} backbone layers unfrozen, {count_trainable_parameters(model):,} trainable "

@@ -263,7 +263,7 @@ def _render_anatomy(rng: np.random.Generator, height: int, width: int) -> _Slice
     return sl
 
 
-def _lesion_alpha(rng, shape: tuple[int, int], center, radius: float) -> np.ndarray:
+def lesion_alpha(rng, shape: tuple[int, int], center, radius: float) -> np.ndarray:
     """Opacity (0-1) of one irregular mass: a wobbly ellipse plus satellite lobes, maybe spicules or a cavity."""
     alpha = np.zeros(shape, np.float32)
     x, y = _closed_curve(rng, 48, 2.0, rng.uniform(0.06, 0.18))
@@ -297,7 +297,7 @@ def _add_lesions(rng: np.random.Generator, sl: _Slice, count: int) -> None:
         half = int(2.2 * radius) + 4  # the mass, its spicules and its blur fit in this box
         x0, y0 = max(0, int(cx) - half), max(0, int(cy) - half)
         x1, y1 = min(width, int(cx) + half + 1), min(height, int(cy) + half + 1)
-        alpha = _lesion_alpha(rng, (y1 - y0, x1 - x0), (cx - x0, cy - y0), radius) * lung[y0:y1, x0:x1]
+        alpha = lesion_alpha(rng, (y1 - y0, x1 - x0), (cx - x0, cy - y0), radius) * lung[y0:y1, x0:x1]
         value = rng.uniform(0.45, 0.65)
         box = sl.image[y0:y1, x0:x1]
         box += alpha * (value - box)

@@ -157,6 +157,7 @@ class AugmentStep:
     name: str
     probability: float
     transform: Transform
+    moves_pixels: bool = False  # geometry: a lesion mask travelling with the image goes through it too
 
 
 def _flip_axes(mode: str) -> list[str]:
@@ -169,20 +170,20 @@ def _geometric_steps(params: AugmentParams) -> list[AugmentStep]:
     if params.rotation.degrees > 0:
         turn = params.rotation.degrees / 360.0
         layer = keras.layers.RandomRotation((-turn, turn), **fill)
-        steps.append(AugmentStep("rotation", params.rotation.probability, _keras_layer_transform(layer)))
+        steps.append(AugmentStep("rotation", params.rotation.probability, _keras_layer_transform(layer), True))
     if params.shift.fraction > 0:
         f = params.shift.fraction
         layer = keras.layers.RandomTranslation((-f, f), (-f, f), **fill)
-        steps.append(AugmentStep("shift", params.shift.probability, _keras_layer_transform(layer)))
+        steps.append(AugmentStep("shift", params.shift.probability, _keras_layer_transform(layer), True))
     if params.zoom.fraction > 0:
         f = params.zoom.fraction
         layer = keras.layers.RandomZoom((-f, f), None, **fill)  # width_factor None keeps the aspect ratio
-        steps.append(AugmentStep("zoom", params.zoom.probability, _keras_layer_transform(layer)))
+        steps.append(AugmentStep("zoom", params.zoom.probability, _keras_layer_transform(layer), True))
     if params.shear.factor > 0:
         layer = keras.layers.RandomShear(params.shear.factor, params.shear.factor, **fill)
-        steps.append(AugmentStep("shear", params.shear.probability, _keras_layer_transform(layer)))
+        steps.append(AugmentStep("shear", params.shear.probability, _keras_layer_transform(layer), True))
     for axis in _flip_axes(params.flip.mode):
-        steps.append(AugmentStep(f"flip_{axis}", params.flip.probability, _flip_transform(axis)))
+        steps.append(AugmentStep(f"flip_{axis}", params.flip.probability, _flip_transform(axis), True))
     return steps
 
 
@@ -220,6 +221,21 @@ class Augmenter:
         for index, step in enumerate(self.steps):
             images = _apply_per_sample(step, images, seed_pair(batch_seed, index))
         return tf.clip_by_value(images, *VALUE_RANGE)
+
+    def with_masks(self, images: tf.Tensor, masks: tf.Tensor, key: int | tf.Tensor = 0) -> tuple[tf.Tensor, tf.Tensor]:
+        """The augmented batch and its lesion masks (B, S, S, 1), moved by the same geometry (the masks skip
+        every intensity step) and thresholded back to 0 / 1 after interpolation."""
+        images = tf.cast(images, tf.float32)
+        masks = tf.cast(masks, tf.float32)
+        batch_seed = seed_pair(self.seed, key)
+        for index, step in enumerate(self.steps):
+            seed = seed_pair(batch_seed, index)
+            if step.moves_pixels:
+                both = _apply_per_sample(step, tf.concat([images, masks * 255.0], axis=-1), seed)
+                images, masks = both[..., :1], both[..., 1:] / 255.0
+            else:
+                images = _apply_per_sample(step, images, seed)
+        return tf.clip_by_value(images, *VALUE_RANGE), tf.cast(masks >= 0.5, tf.float32)
 
 
 def _apply_per_sample(step: AugmentStep, images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -275,15 +291,35 @@ def mixup(
     """
     images = tf.cast(images, tf.float32)
     labels = tf.cast(labels, tf.float32)
-    size = _batch_size(images)
+    lam, partner = _mixup_draws(_batch_size(images), alpha, probability, seed)
+    mixed_images = _mix(images, partner, _broadcast_like(lam, images))
+    mixed_labels = _mix(labels, partner, _broadcast_like(lam, labels))
+    return mixed_images, mixed_labels
+
+
+def mixup_with_lesion_targets(
+    images: tf.Tensor, labels: tf.Tensor, masks: tf.Tensor, mask_weights: tf.Tensor, alpha: float,
+    probability: float, seed: int | tf.Tensor,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """MixUp as `mixup` (the same draws for the same seed), the lesion masks blended like the labels; a blend
+    has a known outline only when both partners have one, so its mask weight is the smaller of the two."""
+    images, labels = tf.cast(images, tf.float32), tf.cast(labels, tf.float32)
+    masks, mask_weights = tf.cast(masks, tf.float32), tf.cast(mask_weights, tf.float32)
+    lam, partner = _mixup_draws(_batch_size(images), alpha, probability, seed)
+    mixed_weights = tf.where(lam < 1.0, tf.minimum(mask_weights, tf.gather(mask_weights, partner)), mask_weights)
+    return (_mix(images, partner, _broadcast_like(lam, images)), _mix(labels, partner, _broadcast_like(lam, labels)),
+            _mix(masks, partner, _broadcast_like(lam, masks)), mixed_weights)
+
+
+def _mixup_draws(size: tf.Tensor, alpha: float, probability: float, seed: int | tf.Tensor
+                 ) -> tuple[tf.Tensor, tf.Tensor]:
+    """(lambda per sample, 1 for samples left unmixed; the partner permutation)."""
     seed = seed_pair(seed)
     lam = _beta(alpha, size, seed_pair(seed, 0))
     chosen = tf.random.stateless_uniform([size], seed=seed_pair(seed, 1)) < probability
     lam = tf.where(chosen, lam, 1.0)
     partner = tf.argsort(tf.random.stateless_uniform([size], seed=seed_pair(seed, 2)))  # a random permutation
-    mixed_images = _mix(images, partner, _broadcast_like(lam, images))
-    mixed_labels = _mix(labels, partner, _broadcast_like(lam, labels))
-    return mixed_images, mixed_labels
+    return lam, partner
 
 
 def _mix(values: tf.Tensor, partner: tf.Tensor, lam: tf.Tensor) -> tf.Tensor:

@@ -71,7 +71,7 @@ def train_fold(params: Params, train: SplitArrays, held: SplitArrays, held_pertu
         train_phase(model, compile_for_phase(model, params, phase), train, held, params, phase,
                     f"fold {fold + 1} phase1", workdir / "phase1.keras", workdir / "live1",
                     seed_offset=10 * (fold + 1), robust_valid=held_perturbed)
-        model = load_trained_model(workdir / "phase1.keras")
+        model = load_trained_model(workdir / "phase1.keras", keep_lesion_map=True)
         unfreeze_for_finetuning(model, params.model)
         phase = params.train.phase2
         train_phase(model, compile_for_phase(model, params, phase), train, held, params, phase,

@@ -20,6 +20,14 @@ image by image) and shuffles within a buffer of `train.shuffle_buffer` images, s
 two, not by the dataset. A split of at most `shuffle_buffer` images per class is shuffled whole, as before.
 Arrays built in memory (tests, benchmarks) go through the same shuffles from `from_tensor_slices`.
 
+Lesion targets (a model with a lesion map, chestct.training.lesion_map): the batches also carry a lesion mask
+and a mask weight per image, and the dataset yields (images, (labels, masks), (1, mask weights)): targets and
+sample weights in the model's output order, prediction then lesion_map. A Normal's mask is all zero (weight 1:
+every position is a known negative); a Normal with an inserted lesion (chestct.training.lesion_pool) has the
+lesion's mask, label 1 and weight 1; a real Cancer has no outline (weight 0: only the pooled image-level loss
+reaches it). The inserted copies come out of the Normal half at their rates, so every batch still holds
+batch_size / 2 real Cancers. Geometry moves image and mask together; MixUp blends them alike.
+
 Distribution: every worker builds the same global batches and tf.data's DATA auto-sharding hands each replica
 its slice of each one, so N workers take the same optimisation steps as one process with the same batch.
 """
@@ -35,12 +43,14 @@ from chestct.errors import ChestctError
 from chestct.imaging.processed import SplitArrays
 from chestct.labels import CANCER, NORMAL
 from chestct.params import AugmentParams, TrainParams
-from chestct.training.augmentation import build_augmenter, mixup, seed_pair
+from chestct.training.augmentation import build_augmenter, mixup, mixup_with_lesion_targets, seed_pair
+from chestct.training.lesion_pool import LesionPool
 
 SHARD_CYCLE = 4  # shards of one stream read at a time (each is read whole: at most shard_images images)
 
 # Salts that give each random stream of the training pipeline its own seed derived from the one global seed.
 _NORMAL_SHUFFLE, _CANCER_SHUFFLE, _ALL_SHUFFLE, _BATCH_KEYS, _AUGMENT, _MIX, _SHARD_ORDER = range(7)
+_POOL_SHUFFLE, _NORMAL_HALF = 7, 8
 
 
 class TrainingDataError(ChestctError, ValueError):
@@ -93,13 +103,18 @@ def _shuffled(data: tf.data.Dataset, count: int, buffer: int, seed: int) -> tf.d
     return data.shuffle(max(1, min(count, buffer)), seed=seed, reshuffle_each_iteration=True)
 
 
-def _class_batches(arrays: SplitArrays, field: str, label: int, half: int, buffer: int, seed: int) -> tf.data.Dataset:
-    """Endless batches of `half` images of one class, reshuffled on every pass over the class."""
+def _class_stream(arrays: SplitArrays, field: str, label: int, buffer: int, seed: int) -> tf.data.Dataset:
+    """Endless images of one class, reshuffled on every pass over the class."""
     count = int(np.sum(arrays.labels == label))
     data = _stream(arrays, field, label, seed, shuffle_shards=True)
     if count <= buffer and arrays.layout is not None:
         data = data.cache()  # the class fits in the shuffle buffer anyway: read its shards once, not every pass
-    return _shuffled(data, count, buffer, seed).repeat().batch(half, drop_remainder=True)
+    return _shuffled(data, count, buffer, seed).repeat()
+
+
+def _class_batches(arrays: SplitArrays, field: str, label: int, half: int, buffer: int, seed: int) -> tf.data.Dataset:
+    """Endless batches of `half` images of one class."""
+    return _class_stream(arrays, field, label, buffer, seed).batch(half, drop_remainder=True)
 
 
 def _balanced_batches(arrays: SplitArrays, field: str, batch_size: int, buffer: int, seed: int) -> tf.data.Dataset:
@@ -112,6 +127,37 @@ def _balanced_batches(arrays: SplitArrays, field: str, batch_size: int, buffer: 
     )
 
 
+def _with_targets(mask_weight: float):
+    """(image, label) -> (image, label, all-zero mask, mask weight)."""
+    return lambda image, label: (image, label, tf.zeros_like(image), tf.constant(mask_weight, tf.float32))
+
+
+def _pool_stream(images: np.ndarray, masks: np.ndarray, seed: int) -> tf.data.Dataset:
+    """Endless (image, label 1, mask, weight 1) from one source of inserted copies, reshuffled every pass."""
+    data = tf.data.Dataset.from_tensor_slices((images[..., np.newaxis], masks[..., np.newaxis].astype(np.uint8)))
+    data = data.shuffle(len(images), seed=seed, reshuffle_each_iteration=True).repeat()
+    return data.map(lambda image, mask: (image, tf.constant(CANCER, tf.int64), mask, tf.constant(1.0)))
+
+
+def _lesion_batches(arrays: SplitArrays, field: str, batch_size: int, buffer: int, seed: int,
+                    pool: LesionPool) -> tf.data.Dataset:
+    """Endless (images, labels, masks, mask weights) batches: half Cancer, half Normal with inserted copies
+    drawn into the Normal half at the pool's rates."""
+    half = batch_size // 2
+    normal = _class_stream(arrays, field, NORMAL, buffer, _derived_seed(seed, _NORMAL_SHUFFLE)).map(_with_targets(1.0))
+    cancer = _class_stream(arrays, field, CANCER, buffer, _derived_seed(seed, _CANCER_SHUFFLE)).map(_with_targets(0.0))
+    sources, rates = [normal], [1.0 - sum(pool.rates.values())]
+    for index, (source, rate) in enumerate(sorted(pool.rates.items())):
+        sources.append(_pool_stream(pool.images[source], pool.masks[source],
+                                    _derived_seed(seed, _POOL_SHUFFLE * 100 + index)))
+        rates.append(rate)
+    if len(sources) > 1:
+        normal = tf.data.Dataset.sample_from_datasets(sources, weights=rates, seed=_derived_seed(seed, _NORMAL_HALF))
+    normal, cancer = normal.batch(half, drop_remainder=True), cancer.batch(half, drop_remainder=True)
+    return tf.data.Dataset.zip(normal, cancer).map(
+        lambda n, c: tuple(tf.concat([a, b], axis=0) for a, b in zip(n, c, strict=True)))
+
+
 def _plain_batches(arrays: SplitArrays, field: str, batch_size: int, buffer: int, seed: int) -> tf.data.Dataset:
     """Endless uint8 batches drawn from the whole split in its natural class proportions."""
     seed = _derived_seed(seed, _ALL_SHUFFLE)
@@ -121,9 +167,12 @@ def _plain_batches(arrays: SplitArrays, field: str, batch_size: int, buffer: int
     return _shuffled(data, len(arrays), buffer, seed).repeat().batch(batch_size, drop_remainder=True)
 
 
-def _check_trainable(arrays: SplitArrays, train_params: TrainParams) -> None:
+def _check_trainable(arrays: SplitArrays, train_params: TrainParams, pool: LesionPool | None = None) -> None:
     if len(arrays) == 0:
         raise TrainingDataError("the training split is empty; check the split stage's output")
+    if pool is not None and not train_params.balanced_batches:
+        raise TrainingDataError("a lesion-map model trains on balanced batches (inserted lesions replace part of "
+                                "the Normal half): set train.balanced_batches: true")
     if not train_params.balanced_batches:
         return
     if train_params.batch_size % 2:
@@ -139,15 +188,18 @@ def _check_trainable(arrays: SplitArrays, train_params: TrainParams) -> None:
 
 def training_dataset(
     arrays: SplitArrays, augment_params: AugmentParams, train_params: TrainParams, seed: int,
-    standardise: Callable[[tf.Tensor], tf.Tensor] | None = None,
+    standardise: Callable[[tf.Tensor], tf.Tensor] | None = None, lesion_pool: LesionPool | None = None,
 ) -> tf.data.Dataset:
     """Augmented (balanced) training batches: (images float32 (B, S, S, 1) 0..255, labels float32 (B, 1)).
 
     With `standardise` (chestct.training.photometric.standardise_tf) the batches start from the unstandardised
     images, go through the acquisition steps and are standardised again; otherwise they start from the images.
+    With `lesion_pool` (a lesion-map model; the pool may be empty) they carry lesion targets (module docstring).
     One iteration yields exactly `train_params.steps_per_epoch` batches; iterate again for the next epoch.
     """
-    _check_trainable(arrays, train_params)
+    _check_trainable(arrays, train_params, lesion_pool)
+    if lesion_pool is not None:
+        return _lesion_training_dataset(arrays, augment_params, train_params, seed, standardise, lesion_pool)
     if standardise is not None and arrays.unstandardised is None:
         raise TrainingDataError("re-standardising needs the unstandardised images; rerun `dvc repro preprocess`")
     field = "images" if standardise is None else "unstandardised"
@@ -175,6 +227,34 @@ def training_dataset(
         if mix.probability > 0:
             images, labels = mixup(images, labels, mix.alpha, mix.probability, seed_pair(batch_seed, 1))
         return images, labels
+
+    batches = batches.map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return batches.prefetch(tf.data.AUTOTUNE).with_options(_data_sharded())
+
+
+def _lesion_training_dataset(arrays: SplitArrays, augment_params: AugmentParams, train_params: TrainParams,
+                             seed: int, standardise, pool: LesionPool) -> tf.data.Dataset:
+    """training_dataset for a lesion-map model: the same shuffles, augmentation and MixUp, with lesion targets."""
+    field = "images" if standardise is None else "unstandardised"
+    batch_size = train_params.batch_size
+    batches = _lesion_batches(arrays, field, batch_size, train_params.shuffle_buffer, seed, pool)
+    keys = tf.data.Dataset.random(seed=_derived_seed(seed, _BATCH_KEYS), rerandomize_each_iteration=True)
+    batches = tf.data.Dataset.zip(batches.take(train_params.steps_per_epoch), keys)
+    augmenter = build_augmenter(augment_params, _derived_seed(seed, _AUGMENT), standardise)
+    mix = augment_params.mixup
+    mix_seed = _derived_seed(seed, _MIX)
+
+    def augment_batch(batch, key):
+        images, labels = _to_model_inputs(batch[0], batch[1])
+        masks, weights = tf.cast(batch[2], tf.float32), batch[3]
+        batch_seed = seed_pair(mix_seed, key)
+        order = tf.argsort(tf.random.stateless_uniform([batch_size], seed=seed_pair(batch_seed, 0)))
+        images, labels, masks, weights = (tf.gather(t, order) for t in (images, labels, masks, weights))
+        images, masks = augmenter.with_masks(images, masks, key)
+        if mix.probability > 0:
+            images, labels, masks, weights = mixup_with_lesion_targets(
+                images, labels, masks, weights, mix.alpha, mix.probability, seed_pair(batch_seed, 1))
+        return images, (labels, masks), (tf.ones([batch_size]), weights)
 
     batches = batches.map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return batches.prefetch(tf.data.AUTOTUNE).with_options(_data_sharded())

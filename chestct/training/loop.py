@@ -25,10 +25,15 @@ from sklearn.metrics import roc_auc_score
 from chestct.atomic_io import atomic_path, write_json
 from chestct.errors import ChestctError
 from chestct.imaging.processed import SplitArrays, load_split
+from chestct.labels import NORMAL
 from chestct.params import Params, PhaseParams
 from chestct.training.distribute import make_strategy, weights_digest
 from chestct.training.input_pipeline import training_dataset, validation_dataset
+from chestct.training.lesion_check import LesionCheckSet, build_lesion_check, lesion_check_auc
+from chestct.training.lesion_map import LesionMapLoss
+from chestct.training.lesion_pool import LesionPool, build_lesion_pool
 from chestct.training.losses import make_loss
+from chestct.training.model import has_lesion_map, prediction_of
 from chestct.training.photometric import standardise_tf
 
 MONITOR = "val_auc"
@@ -85,16 +90,23 @@ class ValidationAUC(keras.callbacks.Callback):
     figures, so early stopping and the LR schedule stay in lockstep across workers.
     """
 
-    def __init__(self, dataset: tf.data.Dataset, loss: keras.losses.Loss, robust: tf.data.Dataset | None = None):
+    def __init__(self, dataset: tf.data.Dataset, loss: keras.losses.Loss, robust: tf.data.Dataset | None = None,
+                 lesion_check: LesionCheckSet | None = None, select_on_lesion_check: bool = False):
         super().__init__()
         self.dataset, self.robust = dataset, robust
+        self.lesion_check, self.select_on_lesion_check = lesion_check, select_on_lesion_check
         self.loss = loss
         self._forward = None
+
+    def _predict(self, images: np.ndarray) -> np.ndarray:
+        return np.concatenate([self._forward(tf.cast(images[start:start + 64], tf.float32)).numpy()
+                               for start in range(0, len(images), 64)])
 
     def _scores(self, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
         """(labels (N, 1), scores (N, 1)) in the dataset's order."""
         if self._forward is None:
-            self._forward = tf.function(lambda images: tf.cast(self.model(images, training=False), tf.float32))
+            self._forward = tf.function(
+                lambda images: tf.cast(prediction_of(self.model(images, training=False)), tf.float32))
         labels, scores = [], []
         for images, batch_labels in dataset:
             labels.append(batch_labels.numpy())
@@ -112,6 +124,12 @@ class ValidationAUC(keras.callbacks.Callback):
             logs["val_auc_clean"] = logs[MONITOR]
             logs["val_auc_perturbed"] = exact_auc(robust_labels.ravel(), robust_scores.ravel())
             logs[MONITOR] = min(logs["val_auc_clean"], logs["val_auc_perturbed"])
+        if self.lesion_check is not None:
+            # The same validation Normals with and without an inserted lesion: does the model see the lesion?
+            logs["val_lesion_check"] = lesion_check_auc(self.lesion_check, self._predict)
+            if self.select_on_lesion_check:
+                logs["val_auc_clean"] = logs.get("val_auc_clean", logs[MONITOR])
+                logs[MONITOR] = min(logs[MONITOR], logs["val_lesion_check"])
         logs["val_loss"] = float(keras.ops.convert_to_numpy(keras.ops.mean(self.loss(labels, scores))))
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
@@ -137,6 +155,8 @@ class EpochReport(keras.callbacks.Callback):
         self.best = max(self.best, auc)
         split = (f" (clean {logs['val_auc_clean']:.4f}, perturbed {logs['val_auc_perturbed']:.4f})"
                  if "val_auc_perturbed" in logs else "")
+        if "val_lesion_check" in logs:
+            split += f" lesion check {logs['val_lesion_check']:.4f}"
         print(f"{self.phase} epoch {epoch + 1}/{self.epochs}  loss {logs.get('loss', float('nan')):.4f}  "
               f"val_loss {logs.get('val_loss', float('nan')):.4f}  val_auc {auc:.4f}{split}{marker}  "
               f"lr {logs.get('learning_rate', float('nan')):.1e}  {per_epoch:.1f} s/epoch  "
@@ -150,6 +170,8 @@ class PhaseResult:
     epochs_run: int
     seconds: float
     weights_digest: str = ""  # of the trainable weights kept: equal on every worker of a multi-worker run
+    lesion_insertion: dict | None = None  # a lesion-map model's inserted lesions: counts, rates, sizes in px
+    lesion_check: float | None = None  # the kept epoch's inserted-lesion check on validation
 
     def as_dict(self) -> dict:
         return {"best_val_auc": self.best_val_auc, "best_epoch": self.best_epoch,
@@ -163,9 +185,42 @@ def _check_validation(valid: SplitArrays) -> None:
 
 
 def compile_for_phase(model: keras.Model, params: Params, phase: PhaseParams) -> keras.losses.Loss:
+    """Compile for one phase; return the image-level loss (the one validation reports).
+
+    A lesion-map model gets the image-level loss on its pooled prediction and the dense LesionMapLoss on its map,
+    weighted by `train.lesion_supervision.map_loss_weight`."""
     loss = make_loss(params.train.loss)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=phase.learning_rate), loss=loss)
+    optimizer = keras.optimizers.Adam(learning_rate=phase.learning_rate)
+    if has_lesion_map(model):
+        # In the outputs' order, prediction then lesion_map (the dataset's targets come in the same order).
+        model.compile(optimizer=optimizer, loss=[loss, LesionMapLoss()],
+                      loss_weights=[1.0, params.train.lesion_supervision.map_loss_weight])
+    else:
+        model.compile(optimizer=optimizer, loss=loss)
     return loss
+
+
+def lesion_training_pool(model: keras.Model, train: SplitArrays, params: Params, seed: int,
+                         restandardised: bool) -> LesionPool | None:
+    """The inserted-lesion copies of the training Normals for a lesion-map model (None without a map), built
+    from the images training starts from (the unstandardised ones when it redoes the standardisation)."""
+    if not has_lesion_map(model):
+        return None
+    normals = train.take(np.flatnonzero(np.asarray(train.labels) == NORMAL))
+    hosts = np.asarray(normals.unstandardised) if restandardised else np.asarray(normals.images)[..., 0]
+    return build_lesion_pool(hosts, params.augment.lesion_insertion, params.train.lesion_supervision, seed)
+
+
+def describe_batches(params: Params, pool: LesionPool | None) -> str:
+    """The batch composition training logs: what each half of a batch holds and which loss reaches it."""
+    half = params.train.batch_size // 2
+    if pool is None:
+        return f"batches of {params.train.batch_size}" + (f": {half} Normal, {half} Cancer"
+                                                         if params.train.balanced_batches else "")
+    inserted = ", ".join(f"{rate:.0%} {source} inserted lesions (mask targets)" for source, rate in pool.rates.items())
+    plain = 1.0 - sum(pool.rates.values())
+    return (f"batches of {params.train.batch_size}: {half} real Cancer (pooled image-level loss only), {half} from "
+            f"the Normal half: {plain:.0%} Normal (all-zero map target)" + (f", {inserted}" if inserted else ""))
 
 
 def train_phase(model: keras.Model, loss: keras.losses.Loss, train: SplitArrays, valid: SplitArrays,
@@ -182,7 +237,11 @@ def train_phase(model: keras.Model, loss: keras.losses.Loss, train: SplitArrays,
     if standardise is not None:
         print(f"{phase_name}: training starts from the unstandardised images: acquisition augmentation, then "
               f"preprocess.intensity ({params.preprocess.intensity}) redone in TensorFlow", flush=True)
-    train_ds = training_dataset(train, params.augment, settings, params.seed + seed_offset, standardise)
+    pool = lesion_training_pool(model, train, params, params.seed + seed_offset, standardise is not None)
+    print(f"{phase_name}: {describe_batches(params, pool)}", flush=True)
+    if pool is not None and pool.images:
+        print(f"{phase_name}: inserted lesions {pool.summary()}", flush=True)
+    train_ds = training_dataset(train, params.augment, settings, params.seed + seed_offset, standardise, pool)
     valid_ds = validation_dataset(valid, settings.validation_batch_size)
     robust_ds = None
     if robust_valid is not None:
@@ -190,10 +249,14 @@ def train_phase(model: keras.Model, loss: keras.losses.Loss, train: SplitArrays,
             raise TrainingError("the perturbed validation copy does not match the validation split; "
                                 "rerun `dvc repro robust_valid`")
         robust_ds = validation_dataset(robust_valid, settings.validation_batch_size)
+    lesion_check = None
+    if has_lesion_map(model):
+        lesion_check = build_lesion_check(valid, params.augment.lesion_insertion, params.preprocess, params.seed)
     checkpoint_dir = Path(tempfile.mkdtemp(prefix=f"chestct-{phase_name}-"))
     checkpoint = checkpoint_dir / model_path.name
     callbacks = [
-        ValidationAUC(valid_ds, loss, robust_ds),  # first: the others read what it logs
+        # first: the others read what it logs
+        ValidationAUC(valid_ds, loss, robust_ds, lesion_check, settings.selection == "val_auc_lesion"),
         keras.callbacks.ModelCheckpoint(checkpoint, monitor=MONITOR, mode="max", save_best_only=True),
         keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=settings.early_stopping_patience,
                                       restore_best_weights=True),
@@ -217,8 +280,10 @@ def train_phase(model: keras.Model, loss: keras.losses.Loss, train: SplitArrays,
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     aucs = history.history[MONITOR]  # Keras' History runs last, so it sees what ValidationAUC logged
     best_epoch = int(np.nanargmax(aucs))
+    checks = history.history.get("val_lesion_check")
     return PhaseResult(float(aucs[best_epoch]), best_epoch + 1, len(aucs), time.perf_counter() - started,
-                       weights_digest([weight.numpy() for weight in model.trainable_weights]))
+                       weights_digest([weight.numpy() for weight in model.trainable_weights]),
+                       None if pool is None else pool.summary(), None if checks is None else float(checks[best_epoch]))
 
 
 def restandardisation(params: Params, train: SplitArrays):
@@ -261,6 +326,9 @@ def prepare_training(params: Params, processed_dir: Path, robust_dir: Path) -> T
 
 def save_phase_metrics(path: Path, result: PhaseResult, model: keras.Model, **extra: int) -> None:
     """metrics/train_phase*.json: only deterministic figures, so reruns compare equal (no wall times)."""
+    lesion = {}
+    if result.lesion_insertion is not None:
+        lesion = {"lesion_insertion": result.lesion_insertion, "best_val_lesion_check": result.lesion_check}
     write_json(path, {"best_val_auc": result.best_val_auc, "best_epoch": result.best_epoch,
                       "epochs_run": result.epochs_run, "trainable_parameters": count_trainable_parameters(model),
-                      **extra})
+                      **lesion, **extra})

@@ -9,6 +9,12 @@
       -> [Dense -> BatchNormalization -> ReLU -> Dropout] per head.units
       -> Dense(1, sigmoid, float32) "prediction"
 
+With `model.lesion_map.enabled` the pooled features and the head are replaced by the lesion map
+(chestct.training.lesion_map): a light decoder on the attention-weighted features and two shallower backbone
+feature maps gives a per-position lesion probability ("lesion_map"), and "prediction" is pooled from it. The
+model then has two outputs, prediction first; `classifier_view` is the one-output model every later stage
+(evaluation, export, serving) scores with.
+
 The backbones come from the registry in chestct.training.backbones, the custom layers from chestct.training.layers;
 `load_trained_model` registers every custom object before loading.
 
@@ -33,6 +39,13 @@ from chestct.errors import ChestctError
 from chestct.params import HeadParams, ModelParams, ParamsError
 from chestct.training.backbones import BACKBONE_NAME, backbone_spec
 from chestct.training.layers import BackbonePreprocessing, ChannelAttention, SpatialAttention
+from chestct.training.lesion_map import (
+    LESION_LOGITS_NAME,
+    LESION_MAP_NAME,
+    decoder_strides,
+    lesion_map_head,
+    skip_layer_names,
+)
 
 PREDICTION_NAME = "prediction"
 
@@ -64,10 +77,23 @@ def _head(features, params: HeadParams, synchronized_batchnorm: bool = False):
     return layers.Dense(1, activation="sigmoid", dtype="float32", name=PREDICTION_NAME)(x)
 
 
+def _with_skips(backbone: keras.Model, image_size: int, strides: tuple[int, ...]) -> keras.Model:
+    """The backbone as a model that also returns its deepest feature maps at `strides` (coarsest first), under
+    the backbone's own name, so fine-tuning and loading find it as before."""
+    names = skip_layer_names(backbone, image_size, strides)
+    outputs = [backbone.get_layer(name).output for name in names] + [backbone.output]
+    return keras.Model(backbone.input, outputs, name=BACKBONE_NAME)
+
+
 def build_model(params: ModelParams, image_size: int, synchronized_batchnorm: bool = False) -> keras.Model:
     """The phase-1 model: backbone frozen, attention and head trainable; input (S, S, 1) uint8."""
     spec = backbone_spec(params.backbone)
     backbone = spec.build(params.weights, image_size)
+    lesion_map = params.lesion_map.enabled
+    if lesion_map:
+        if image_size % 32:
+            raise ParamsError(f"model.lesion_map needs preprocess.image_size divisible by 32, got {image_size}")
+        backbone = _with_skips(backbone, image_size, decoder_strides(params.lesion_map))
     backbone.trainable = False
 
     image = keras.Input(shape=(image_size, image_size, 1), dtype="uint8", name="image")
@@ -75,10 +101,42 @@ def build_model(params: ModelParams, image_size: int, synchronized_batchnorm: bo
     # Inference mode for the base whenever the outer model does not say otherwise (predict, export); during
     # fit Keras passes training=True over it, and the non-trainable BatchNorm layers keep their statistics.
     x = backbone(x, training=False)
+    skips = []
+    if lesion_map:
+        *skips, x = x
     x = ChannelAttention(params.attention.ratio, name="channel_attention")(x)
     x = SpatialAttention(params.attention.kernel_size, name="spatial_attention")(x)
+    name = f"chestct_{params.backbone}"
+    if lesion_map:
+        return keras.Model(image, list(lesion_map_head(x, skips, image, params.lesion_map)), name=name)
     x = layers.GlobalAveragePooling2D(name="pooling")(x)
-    return keras.Model(image, _head(x, params.head, synchronized_batchnorm), name=f"chestct_{params.backbone}")
+    return keras.Model(image, _head(x, params.head, synchronized_batchnorm), name=name)
+
+
+def has_lesion_map(model: keras.Model) -> bool:
+    return LESION_MAP_NAME in [layer.name for layer in model.layers]
+
+
+def classifier_view(model: keras.Model) -> keras.Model:
+    """The one-output model (image -> prediction) sharing `model`'s layers: `model` itself when it has no map."""
+    if not has_lesion_map(model):
+        return model
+    return keras.Model(model.input, model.get_layer(PREDICTION_NAME).output, name=model.name)
+
+
+def lesion_map_view(model: keras.Model) -> keras.Model:
+    """image -> (prediction, lesion_map) sharing `model`'s layers; the model must have a lesion map."""
+    return keras.Model(model.input, [model.get_layer(PREDICTION_NAME).output, model.get_layer(LESION_MAP_NAME).output],
+                       name=model.name)
+
+
+def prediction_of(outputs):
+    """The probability among a model call's outputs (a tensor, or the [prediction, lesion_map] pair)."""
+    if isinstance(outputs, dict):
+        return outputs[PREDICTION_NAME]
+    if isinstance(outputs, (list, tuple)):
+        return outputs[0]
+    return outputs
 
 
 # --- fine-tuning ------------------------------------------------------------------------------------------
@@ -184,8 +242,12 @@ def last_conv_layer_name(model: keras.Model) -> str:
     """The last layer of the outer model with a 4-D output: the attention-weighted backbone feature map.
 
     Being part of the outer graph, its output can be fetched together with the prediction:
-    `keras.Model(model.input, [model.get_layer(name).output, model.output])`.
+    `keras.Model(model.input, [model.get_layer(name).output, model.output])`. A lesion-map model's is its
+    lesion logits (its lung-coverage map is 4-D too, but computed from the input alone).
     """
+    names = [layer.name for layer in model.layers]
+    if LESION_LOGITS_NAME in names:
+        return LESION_LOGITS_NAME
     for layer in reversed(model.layers):
         if len(layer.output.shape) == 4:
             return layer.name
@@ -195,8 +257,11 @@ def last_conv_layer_name(model: keras.Model) -> str:
 # --- loading ----------------------------------------------------------------------------------------------
 
 
-def load_trained_model(path: Path) -> keras.Model:
-    """Load a model a training phase wrote (every custom object is registered by this module's imports)."""
+def load_trained_model(path: Path, keep_lesion_map: bool = False) -> keras.Model:
+    """Load a model a training phase wrote (every custom object is registered by this module's imports).
+
+    A lesion-map model comes back as its one-output `classifier_view` unless `keep_lesion_map` (training)."""
     if not Path(path).is_file():
         raise ModelFileError(f"{path}: model not found; run the earlier stage first (dvc repro)")
-    return keras.models.load_model(path, compile=False)
+    model = keras.models.load_model(path, compile=False)
+    return model if keep_lesion_map else classifier_view(model)
