@@ -142,6 +142,12 @@ def _predict(args: argparse.Namespace) -> None:
             print(f"chestct predict: no Grad-CAM for the {predictor.format} format; --gradcam-dir ignored",
                   file=sys.stderr)
         args.gradcam_dir.mkdir(parents=True, exist_ok=True)
+    lesion_maps = args.lesion_map_dir is not None and predictor.has_lesion_map
+    if args.lesion_map_dir is not None:
+        if not lesion_maps:
+            print("chestct predict: this model has no lesion map (model.lesion_map.enabled was false); "
+                  "--lesion-map-dir ignored", file=sys.stderr)
+        args.lesion_map_dir.mkdir(parents=True, exist_ok=True)
     failures = len(inputs.skipped)
     for path, reason in inputs.skipped:
         print(f"{path}: skipped: {reason}", file=sys.stderr)
@@ -151,6 +157,9 @@ def _predict(args: argparse.Namespace) -> None:
             if gradcam:
                 target = args.gradcam_dir / f"{Path(image_path).stem}_gradcam.png"
                 _save_png(overlay(prediction.model_input, prediction.heatmap), target)
+            if lesion_maps:
+                target = args.lesion_map_dir / f"{Path(image_path).stem}_lesion_map.png"
+                _save_png(overlay(prediction.model_input, prediction.lesion_map), target)
         except ChestctError as exc:  # one unreadable file does not stop the others
             failures += 1
             print(f"{image_path}: error: {exc}", file=sys.stderr)
@@ -192,9 +201,9 @@ def _predict_series(args: argparse.Namespace) -> None:
     from chestct.imaging.files import upload_limit_bytes
     from chestct.serving.predictor import Predictor
 
-    if args.csv is not None or args.gradcam_dir is not None:
-        raise ChestctError("--series prints one answer per series: drop --csv and --gradcam-dir (--plot-dir saves "
-                           "each series' z-profile)")
+    if args.csv is not None or args.gradcam_dir is not None or args.lesion_map_dir is not None:
+        raise ChestctError("--series prints one answer per series: drop --csv, --gradcam-dir and --lesion-map-dir "
+                           "(--plot-dir saves each series' z-profile)")
     logging.basicConfig(level=logging.WARNING, format="chestct predict: %(message)s")
     inputs = list_inputs(args.images)
     predictor = Predictor(_export_dir(args), _format_order(args))
@@ -227,9 +236,9 @@ def _predict_to_csv(args: argparse.Namespace) -> None:
     from chestct.external.batch import check_csv_target, list_inputs, score_inputs, write_predictions_csv
     from chestct.serving.predictor import Predictor
 
-    if args.json or args.gradcam_dir is not None:
-        raise ChestctError("--csv writes every result to the CSV: drop --json and --gradcam-dir (for Grad-CAM "
-                           "overlays, run chestct predict on the files of interest without --csv)")
+    if args.json or args.gradcam_dir is not None or args.lesion_map_dir is not None:
+        raise ChestctError("--csv writes every result to the CSV: drop --json, --gradcam-dir and --lesion-map-dir "
+                           "(for overlays, run chestct predict on the files of interest without --csv)")
     logging.basicConfig(level=logging.WARNING, format="chestct predict: %(message)s")
     check_csv_target(args.csv)  # refused before the listing and the model load
     if args.batch_size < 1:
@@ -289,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="image files, and folders to score every regular file under (recursively)")
     predict.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
     predict.add_argument("--gradcam-dir", type=Path, default=None, help="also save Grad-CAM overlays here")
+    predict.add_argument("--lesion-map-dir", type=Path, default=None,
+                         help="also save the model's lesion map over each input here (lesion-map models)")
     predict.add_argument("--csv", type=Path, default=None, metavar="FILE",
                          help="write one row per file (file, probability, diagnosis, threshold, model_format, "
                               "model_sha256, error) here instead of printing, with a progress bar; unreadable "

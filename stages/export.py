@@ -23,7 +23,7 @@ from chestct.export.writer import write_metadata_files
 from chestct.imaging.processed import load_split
 from chestct.params import load_params
 from chestct.training.backbones import backbone_spec
-from chestct.training.model import compute_dtypes, float32_copy, load_trained_model
+from chestct.training.model import compute_dtypes, float32_copy, load_trained_model, prediction_of
 from stages.errors import run_stage
 
 MODEL = Path("models/phase2.keras")
@@ -47,7 +47,8 @@ def precision_report(trained, exported, images: np.ndarray) -> dict:
     """Which arithmetic training used and the export uses, and how far apart their probabilities are."""
     report = {"trained": sorted(compute_dtypes(trained)), "exported": sorted(compute_dtypes(exported))}
     if exported is not trained:
-        difference = np.abs(trained.predict(images, verbose=0) - exported.predict(images, verbose=0))
+        difference = np.abs(prediction_of(trained.predict(images, verbose=0))
+                            - prediction_of(exported.predict(images, verbose=0)))
         report["max_abs_diff_vs_trained"] = float(difference.max()) if difference.size else 0.0
         print(f"export: trained in {'/'.join(report['trained'])}, exported in float32; "
               f"max |p_float32 - p_trained| = {report['max_abs_diff_vs_trained']:.2e}", flush=True)
@@ -60,8 +61,10 @@ def _measured_line(name: str, report: dict, latency: dict | None) -> str:
         return "n/a" if value is None else format(value, spec)
 
     median = figure(latency["median_ms"] if latency else None, ".1f")
-    return (f"export: {name:<15} {report['bytes'] / 1e6:7.1f} MB  max|dp| {figure(report['max_abs_diff'], '.2e')}  "
-            f"agreement {figure(report['decision_agreement'], '.4f')}  latency {median} ms"
+    lesion_map = (f"  max|d map| {figure(report['max_abs_map_diff'], '.2e')}"
+                  if report.get("max_abs_map_diff") is not None else "")
+    return (f"export: {name:<15} {report['bytes'] / 1e6:7.1f} MB  max|dp| {figure(report['max_abs_diff'], '.2e')}"
+            f"{lesion_map}  agreement {figure(report['decision_agreement'], '.4f')}  latency {median} ms"
             + ("" if report["passed"] else "  FAILED parity"))
 
 
@@ -69,7 +72,7 @@ def main() -> None:
     params = load_params()
     threshold = json.loads(THRESHOLD.read_text())
     test = load_split(TEST, unstandardised=False).in_memory()  # the parity checks need the model's input only
-    trained = load_trained_model(MODEL)
+    trained = load_trained_model(MODEL, keep_lesion_map=True)  # a lesion map is exported with the probability
     model = float32_copy(trained)  # after mixed-precision training: the same weights, float32 arithmetic
     backbone = backbone_spec(params.model.backbone)
     formats, skipped = planned_formats(params.export.formats, backbone.legacy_h5, backbone.name)
@@ -83,11 +86,12 @@ def main() -> None:
         if model is not trained:
             reference_model = Path(scratch) / "float32.keras"
             model.save(reference_model)
-        reference = run_in_fresh_process("keras", reference_model, images_file, 1)["scores"]
+        keras_run = run_in_fresh_process("keras", reference_model, images_file, 1)
+        reference, reference_maps = keras_run["scores"], keras_run["maps"]
         reports, latency = {}, {}
         for name, path in paths.items():
             reports[name], timings = measure_format(name, path, images_file, reference, threshold["threshold"],
-                                                    params.export)
+                                                    params.export, reference_maps)
             reports[name]["bytes"] = artifact_bytes(path)
             if timings.size:
                 latency[name] = {"median_ms": float(np.median(timings)), "p95_ms": float(np.percentile(timings, 95))}

@@ -80,6 +80,14 @@ def tiny_export(tmp_path_factory, default_params) -> Path:
     return build_tiny_export(tmp_path_factory.mktemp("export") / "export", default_params)
 
 
+@pytest.fixture(scope="session")
+def tiny_lesion_export(tmp_path_factory, default_params) -> Path:
+    """As tiny_export, for a lesion-map model (model.lesion_map): both outputs in every format."""
+    from tests.serving_support import build_tiny_export
+
+    return build_tiny_export(tmp_path_factory.mktemp("lesion-export") / "export", default_params, lesion_map=True)
+
+
 @pytest.fixture(scope="module")
 def client(tiny_export):
     """The app over the tiny export, in process (one per test module: each starts with fresh metrics)."""

@@ -136,6 +136,7 @@ class RulePredictor:
     format = "rule"
     sha256 = "rule"
     gradcam_available = False
+    has_lesion_map = False
     threshold = 0.5
 
     def __init__(self, rule: str, params):

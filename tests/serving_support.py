@@ -16,10 +16,11 @@ SIZE = 64
 FORMATS = ("keras", "h5", "savedmodel", "tflite_float32")
 
 
-def serving_params(default_params, **serve_overrides):
+def serving_params(default_params, lesion_map: bool = False, **serve_overrides):
     model = default_params.model
     model = model.model_copy(update={"backbone": "densenet121", "weights": None,
-                                     "head": model.head.model_copy(update={"units": [8]})})
+                                     "head": model.head.model_copy(update={"units": [8]}),
+                                     "lesion_map": model.lesion_map.model_copy(update={"enabled": lesion_map})})
     preprocess = default_params.preprocess.model_copy(update={"image_size": SIZE})
     serve = default_params.serve.model_copy(update=serve_overrides)
     return default_params.model_copy(update={"model": model, "preprocess": preprocess, "serve": serve})
@@ -33,20 +34,22 @@ def phantom_images(count: int = 6, seed: int = 0) -> list[tuple[int, np.ndarray]
     return [(index % 2, render_phantom(rng, (160, 160), 2 * (index % 2))) for index in range(count)]
 
 
-def build_tiny_export(folder: Path, default_params, formats: tuple[str, ...] = FORMATS, **serve_overrides) -> Path:
+def build_tiny_export(folder: Path, default_params, formats: tuple[str, ...] = FORMATS, lesion_map: bool = False,
+                      **serve_overrides) -> Path:
+    """The export; `lesion_map` makes it a lesion-map model (two outputs in every format)."""
     import keras
 
     from chestct.evaluation.thresholds import threshold_record
     from chestct.export.formats import write_artifacts
     from chestct.export.writer import write_metadata_files
     from chestct.imaging.preprocess import preprocess_gray
-    from chestct.training.model import build_model
+    from chestct.training.model import build_model, prediction_of
 
-    params = serving_params(default_params, **serve_overrides)
+    params = serving_params(default_params, lesion_map, **serve_overrides)
     keras.utils.set_random_seed(3)
     model = build_model(params.model, SIZE)
     images = np.stack([preprocess_gray(gray, params.preprocess) for _, gray in phantom_images()])
-    threshold = float(np.median(model.predict(images, verbose=0).ravel()))
+    threshold = float(np.median(prediction_of(model.predict(images, verbose=0)).ravel()))
     paths = write_artifacts(model, folder, list(formats))
     write_metadata_files(folder, params, threshold_record({"threshold": threshold, "method": "fixed"}, params),
                          paths, {}, SIZE, None, None)

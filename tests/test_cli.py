@@ -253,7 +253,8 @@ def test_predict_csv_exits_1_when_nothing_could_be_scored_and_still_writes_the_r
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--json"], "drop --json and --gradcam-dir"),
+    (["--json"], "drop --json, --gradcam-dir and --lesion-map-dir"),
+    (["--lesion-map-dir", "maps"], "drop --json, --gradcam-dir and --lesion-map-dir"),
     (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
 ])
 def test_predict_csv_refuses_options_it_cannot_honour_before_loading_a_model(tmp_path, capsys, extra, message):

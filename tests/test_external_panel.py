@@ -149,6 +149,7 @@ def test_the_lesion_reader_follows_the_tumour_and_the_sharpness_reader_does_not(
         assert (figures["n"], figures["series"], figures["boxed_slices"], figures["kernel_pairs"]) == (32, 2, 8, 1)
         assert figures["kernel_paired_slices"] == 16 and figures["skipped"] == 0  # the XML files are the boxes
         assert figures["in_box_gradcam_share"] is None  # a rule has no Grad-CAM: said, not invented
+        assert figures["in_box_lesion_map_share"] is None  # nor a lesion map
     assert lesion["within_series_auc"] >= 0.95 and lesion["kernel_agreement"] >= 0.95
     assert lesion["lesion_sensitivity"] == 1.0 and lesion["other_slices_positive_rate"] == 0.0
     assert lesion["kernel_mean_abs_diff"] < 0.05

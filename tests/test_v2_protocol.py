@@ -156,7 +156,7 @@ def test_wrong_input_or_output_name_is_refused(client, images):
     assert refusal(error)[0] == "400" and "one input 'image'" in refusal(error)[1]
     with pytest.raises(InferenceServerException) as error:
         client.infer(MODEL, [image_input(images, True)], outputs=[triton.InferRequestedOutput("logits")])
-    assert refusal(error)[0] == "400" and "one output, 'probability'" in refusal(error)[1]
+    assert refusal(error)[0] == "400" and "outputs are 'probability'; 'logits' was requested" in refusal(error)[1]
 
 
 def test_unknown_model_and_version_are_404(client, images):

@@ -5,7 +5,10 @@ it back as a `predict(images) -> probabilities` function, and how to fingerprint
 everywhere: `export.formats` in params.yaml, metadata.json, the predictor's default order (registry order), the
 CLI's `--formats` help and metrics/export.json. Adding a format is one entry in FORMATS; the tests iterate it.
 
-Every loader takes the cached uint8 images (N, S, S, 1) and returns float64 probabilities (N,).
+Every loader takes the cached uint8 images (N, S, S, 1) and returns float64 probabilities (N,). A model with a
+lesion map (chestct.training.lesion_map) is exported whole, with both outputs, in every format; its loaders also
+give the map, float64 (N, h, w), through `LoadedExport.predict_with_map`. The outputs are told apart by rank
+(the probability is (N, 1), the map (N, h, w, 1)), since graph formats name them output_0, output_1 or not at all.
 
 TensorFlow and the Keras model code are imported inside the writers and loaders, not at the top: the registry is
 read without them (`chestct check-params`, the predictor's format order, the service's metadata checks).
@@ -29,6 +32,8 @@ import numpy as np
 from chestct.errors import ChestctError
 
 Predict = Callable[[np.ndarray], np.ndarray]
+# images -> (probabilities (N,), lesion maps (N, h, w) or None for a model without one)
+PredictWithMap = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 
 
 class ExportedModelError(ChestctError, RuntimeError):
@@ -146,53 +151,65 @@ def _tflite_writer(quantization: str):
 # --- loaders ----------------------------------------------------------------------------------------------
 
 
-def _load_keras_file(path: Path, batch_size: int) -> tuple[Predict, object]:
-    from chestct.training.model import load_trained_model  # registers every custom object
+def split_outputs(outputs) -> tuple[np.ndarray, np.ndarray | None]:
+    """(probabilities (N,), lesion maps (N, h, w) or None) from one call's outputs: an array, or several."""
+    if not isinstance(outputs, (list, tuple)):
+        outputs = [outputs]
+    arrays = [np.asarray(output) for output in outputs]
+    scores = [array for array in arrays if array.ndim <= 2]
+    maps = [array for array in arrays if array.ndim == 4]
+    if len(scores) != 1 or len(maps) > 1:
+        raise ExportedModelError(f"expected a probability output (N, 1) and at most one lesion map (N, h, w, 1), got "
+                                 f"outputs of shapes {[array.shape for array in arrays]}")
+    return scores[0].reshape(-1).astype(np.float64), maps[0][..., 0].astype(np.float64) if maps else None
 
-    model = load_trained_model(path)
 
-    def predict(images: np.ndarray) -> np.ndarray:
-        # predict_on_batch skips model.predict's per-call dataset set-up (about 200 ms for a single image).
-        outputs = [np.asarray(model.predict_on_batch(images[start:start + batch_size])).ravel()
-                   for start in range(0, len(images), batch_size)]
-        return np.concatenate(outputs).astype(np.float64) if outputs else np.zeros(0)
+def _batched(run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]], batch_size: int) -> PredictWithMap:
+    def predict_with_map(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        parts = [run(images[start:start + batch_size]) for start in range(0, len(images), batch_size)]
+        if not parts:
+            return np.zeros(0), None
+        scores = np.concatenate([part[0] for part in parts])
+        maps = None if parts[0][1] is None else np.concatenate([part[1] for part in parts])
+        return scores, maps
 
-    return predict, model
+    return predict_with_map
 
 
-def _load_savedmodel(path: Path, batch_size: int) -> tuple[Predict, None]:
+def _load_keras_file(path: Path, batch_size: int) -> tuple[PredictWithMap, object]:
+    from chestct.training.model import classifier_view, load_trained_model  # registers every custom object
+
+    model = load_trained_model(path, keep_lesion_map=True)
+    # predict_on_batch skips model.predict's per-call dataset set-up (about 200 ms for a single image).
+    return _batched(lambda batch: split_outputs(model.predict_on_batch(batch)), batch_size), classifier_view(model)
+
+
+def _load_savedmodel(path: Path, batch_size: int) -> tuple[PredictWithMap, None]:
     import tensorflow as tf
 
     serve = tf.saved_model.load(str(path)).signatures["serving_default"]
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        outputs = []
-        for start in range(0, len(images), batch_size):
-            result = serve(tf.constant(images[start:start + batch_size]))
-            outputs.append(next(iter(result.values())).numpy().ravel())
-        return np.concatenate(outputs).astype(np.float64) if outputs else np.zeros(0)
-
-    return predict, None
+    return _batched(lambda batch: split_outputs(list(serve(tf.constant(batch)).values())), batch_size), None
 
 
-def _load_tflite(path: Path, batch_size: int) -> tuple[Predict, None]:
+def _load_tflite(path: Path, batch_size: int) -> tuple[PredictWithMap, None]:
     import tensorflow as tf
 
     interpreter = tf.lite.Interpreter(model_path=str(path))
     interpreter.allocate_tensors()
     input_index = interpreter.get_input_details()[0]["index"]
-    output_index = interpreter.get_output_details()[0]["index"]
+    output_indices = [detail["index"] for detail in interpreter.get_output_details()]
 
-    def predict(images: np.ndarray) -> np.ndarray:
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         # One image per invoke: the converted graph has a fixed batch of 1, as on an edge device.
-        scores = np.empty(len(images), np.float64)
-        for index, image in enumerate(images):
+        answers = []
+        for image in batch:
             interpreter.set_tensor(input_index, image[np.newaxis])
             interpreter.invoke()
-            scores[index] = float(interpreter.get_tensor(output_index).ravel()[0])
-        return scores
+            answers.append(split_outputs([interpreter.get_tensor(index) for index in output_indices]))
+        maps = None if answers[0][1] is None else np.concatenate([answer[1] for answer in answers])
+        return np.concatenate([answer[0] for answer in answers]), maps
 
-    return predict, None
+    return _batched(run, batch_size), None
 
 
 # --- the registry -----------------------------------------------------------------------------------------
@@ -203,7 +220,7 @@ class ExportFormat:
     name: str  # the one name used in params, metadata, the predictor, the CLI and reports
     file_name: str  # file or folder inside models/export/
     write: Callable[[object, Path, SavedModelSource], None]
-    load: Callable[[Path, int], tuple[Predict, object | None]]  # -> (predict, the keras.Model or None)
+    load: Callable[[Path, int], tuple[PredictWithMap, object | None]]  # -> (predict, the keras.Model or None)
     quantized: bool = False  # checked at export.quantized_tolerance instead of export.float_tolerance
     needs_legacy_h5: bool = False  # only for backbones whose registry entry says legacy_h5
     digest: Callable[[Path], tuple[str, int]] = artifact_digest
@@ -263,8 +280,11 @@ def write_artifacts(model, folder: Path, names: list[str]) -> dict[str, Path]:
 class LoadedExport:
     format: str
     path: Path
-    predict: Predict
+    predict_with_map: PredictWithMap
     keras_model: object | None = None  # the keras.Model for .keras/.h5 (Grad-CAM); None for graph formats
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return self.predict_with_map(images)[0]
 
 
 def open_exported(format_name: str, path: str | Path, batch_size: int = 32) -> LoadedExport:

@@ -9,6 +9,8 @@ Schema versions: a minor bump adds optional fields (older readers ignore them); 
 fields, and readers of another major refuse the file. 2.1 added `left_out_formats` (quantized variants that failed
 the parity check); a 2.0 file reads as one that left nothing out. 2.2 added `source` (the git revision the export
 ran from and the registry version that commit carries, chestct.export.provenance); older files read with null.
+2.3 added `lesion_map` (the second output of a lesion-map model: its tensor contract and pooling); older files,
+and models without a map, read with null.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from chestct.errors import ChestctError
 from chestct.labels import CLASS_NAMES
 from chestct.params import Params, PreprocessParams, ServeParams
 
-SCHEMA_VERSION = "2.2"
+SCHEMA_VERSION = "2.3"
 METADATA_FILE = "metadata.json"
 # Serving limits that exports written before them lack: such an export gets params.yaml's values at the time.
 SERVE_DEFAULTS = {"max_concurrent": 2, "queue_timeout_s": 10.0, "body_timeout_s": 30.0, "max_connections": 64}
@@ -85,6 +87,14 @@ class EvaluationSettings(_Record):
     histogram_bins: int
 
 
+class LesionMapRecord(_Record):
+    """The second output of a lesion-map model (chestct.training.lesion_map) and how the probability comes from it."""
+
+    output: TensorContract
+    stride: int  # input pixels per map cell
+    pooling: str  # max | top_k | lse over the cells inside the lung fields
+
+
 class ExportMetadata(_Record):
     schema_version: str
     model: Literal["chestct"] = "chestct"
@@ -107,6 +117,7 @@ class ExportMetadata(_Record):
     skipped_formats: dict[str, str]  # not written: the backbone cannot be saved in that format
     left_out_formats: dict[str, LeftOutRecord] = {}  # written, failed parity, removed (schema 2.1)
     source: ExportSource = ExportSource()  # where the export came from (schema 2.2; older files: unknown)
+    lesion_map: LesionMapRecord | None = None  # the model's second output (schema 2.3; None: no map)
     metrics: dict  # headline figures of the evaluate stage (see _summary), for the model card and /model-info
 
     @field_validator("serve", mode="before")
@@ -183,10 +194,23 @@ def build_metadata(params: Params, threshold: dict, artifacts: dict[str, dict], 
         skipped_formats=skipped,
         left_out_formats={name: LeftOutRecord.model_validate(report) for name, report in (left_out or {}).items()},
         source=ExportSource.model_validate(source or {}),
+        lesion_map=_lesion_map_record(params, image_size),
         metrics={name: _summary(eval_metrics.get(name)) for name in ("test", "test_leak_free", "valid")}
         | {"shortcut": eval_metrics.get("shortcut")}
         | ({"out_of_fold": threshold["out_of_fold"]} if "out_of_fold" in threshold else {}),
     )
+
+
+def _lesion_map_record(params: Params, image_size: int) -> LesionMapRecord | None:
+    settings = params.model.lesion_map
+    if not settings.enabled:
+        return None
+    side = image_size // settings.stride
+    return LesionMapRecord(
+        output=TensorContract(name="lesion_map", dtype="float32", shape=[side, side, 1], value_range=(0, 1),
+                              meaning=f"lesion probability per {settings.stride}x{settings.stride}-pixel cell of the "
+                                      f"input; the probability is its {settings.pooling} pooling over the lung cells"),
+        stride=settings.stride, pooling=settings.pooling)
 
 
 def write_metadata(folder: Path, metadata: ExportMetadata) -> Path:

@@ -4,7 +4,8 @@
 
 A fresh process proves the artifact stands alone: nothing of the exporting process (custom objects already
 registered, a model still in memory) can leak into the result. Float formats must match the Keras probabilities
-within `export.float_tolerance` and agree on every decision; a quantized one (the registry's `quantized` flag)
+(and, for a model with a lesion map, the Keras lesion map) within `export.float_tolerance` and agree on every
+decision; a quantized one (the registry's `quantized` flag)
 within `export.quantized_tolerance` and on at least `export.min_decision_agreement` of the decisions (the
 decision rule is chestct.decision.decide).
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from chestct.decision import decide
 from chestct.errors import ChestctError
-from chestct.export.formats import FORMATS, load_exported
+from chestct.export.formats import FORMATS, open_exported
 from chestct.params import ExportParams
 
 
@@ -49,7 +50,8 @@ def run_in_fresh_process(format_name: str, artifact: Path, images_file: Path, la
             raise ExportParityError(f"{format_name}: {artifact.name} failed to load or run in a fresh process:\n  "
                                     + "\n  ".join(tail))
         with np.load(out) as loaded:
-            return {"scores": loaded["scores"], "latency_ms": loaded["latency_ms"]}
+            return {"scores": loaded["scores"], "latency_ms": loaded["latency_ms"],
+                    "maps": loaded["maps"] if "maps" in loaded.files else None}
 
 
 def _limits(format_name: str, params: ExportParams) -> dict:
@@ -63,22 +65,38 @@ def _limits(format_name: str, params: ExportParams) -> dict:
             "required_agreement": 1.0, "agreement_param": "float formats agree on every decision"}
 
 
+def _map_difference(reference_maps: np.ndarray | None, maps: np.ndarray | None) -> float | None:
+    """max |map - map_keras|: None when the model has no lesion map, inf when only one side has one."""
+    if reference_maps is None and maps is None:
+        return None
+    if reference_maps is None or maps is None or reference_maps.shape != maps.shape:
+        return float("inf")
+    return float(np.max(np.abs(maps - reference_maps))) if maps.size else 0.0
+
+
 def parity_report(reference: np.ndarray, scores: np.ndarray, threshold: float, format_name: str,
-                  params: ExportParams) -> dict:
-    """One format's figures against the Keras probabilities, its limits, `passed`, and when it failed the
-    `reason`: each figure out of its limit, with the param that sets the limit."""
+                  params: ExportParams, reference_maps: np.ndarray | None = None,
+                  maps: np.ndarray | None = None) -> dict:
+    """One format's figures against the Keras probabilities (and lesion maps), its limits, `passed`, and when it
+    failed the `reason`: each figure out of its limit, with the param that sets the limit."""
     limits = _limits(format_name, params)
     max_diff = float(np.max(np.abs(scores - reference))) if len(reference) else 0.0
     agreement = float(np.mean(decide(scores, threshold) == decide(reference, threshold))) if len(reference) else 1.0
+    map_diff = _map_difference(reference_maps, maps)
     problems = []
     if not max_diff <= limits["tolerance"]:  # `not <=` also catches NaN probabilities
         problems.append(f"max |p - p_keras| {max_diff:.4g} > {limits['tolerance']:g} ({limits['tolerance_param']})")
+    if map_diff is not None and not map_diff <= limits["tolerance"]:
+        problems.append(f"max |lesion map - lesion map_keras| {map_diff:.4g} > {limits['tolerance']:g} "
+                        f"({limits['tolerance_param']})")
     if agreement < limits["required_agreement"]:
         problems.append(f"decision agreement {agreement:.4f} < {limits['required_agreement']:.4f} "
                         f"({limits['agreement_param']})")
     report = {"quantized": limits["quantized"], "max_abs_diff": max_diff, "tolerance": limits["tolerance"],
               "decision_agreement": agreement, "required_agreement": limits["required_agreement"],
               "passed": not problems}
+    if map_diff is not None:
+        report["max_abs_map_diff"] = map_diff
     if problems:
         report["reason"] = "; ".join(problems)
     return report
@@ -94,7 +112,7 @@ def failed_run_report(format_name: str, params: ExportParams, error: str) -> dic
 
 
 def measure_format(format_name: str, artifact: Path, images_file: Path, reference: np.ndarray, threshold: float,
-                   params: ExportParams) -> tuple[dict, np.ndarray]:
+                   params: ExportParams, reference_maps: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
     """(parity report, single-image latencies in ms) of one artifact run in a fresh process. An artifact that
     fails to load or run gives a failed report (no latencies) rather than an exception, so every format is
     measured before `formats_to_leave_out` decides."""
@@ -102,7 +120,8 @@ def measure_format(format_name: str, artifact: Path, images_file: Path, referenc
         run = run_in_fresh_process(format_name, artifact, images_file, params.latency_runs)
     except ExportParityError as exc:
         return failed_run_report(format_name, params, str(exc)), np.zeros(0)
-    return parity_report(reference, run["scores"], threshold, format_name, params), run["latency_ms"]
+    return (parity_report(reference, run["scores"], threshold, format_name, params, reference_maps, run["maps"]),
+            run["latency_ms"])
 
 
 def _failure_lines(reports: dict[str, dict]) -> str:
@@ -154,8 +173,9 @@ def main() -> None:
     args = parser.parse_args()
 
     images = np.load(args.images)
-    predict = load_exported(args.format, args.artifact)
-    scores = predict(images)
+    loaded = open_exported(args.format, args.artifact)
+    predict = loaded.predict
+    scores, maps = loaded.predict_with_map(images)
     single = images[:1]
     predict(single)  # warm-up: graph tracing and allocation are not latency
     timings = []
@@ -163,7 +183,7 @@ def main() -> None:
         started = time.perf_counter()
         predict(single)
         timings.append((time.perf_counter() - started) * 1000.0)
-    np.savez(args.out, scores=scores, latency_ms=np.array(timings))
+    np.savez(args.out, scores=scores, latency_ms=np.array(timings), **({} if maps is None else {"maps": maps}))
 
 
 if __name__ == "__main__":

@@ -207,34 +207,58 @@ def _box_region(item: SliceScore, boxes) -> np.ndarray:
     return region
 
 
+def _usable_and_regions(predictor, boxed_slices: Sequence[SliceScore], boxes: dict):
+    """The boxed slices kept with their input and decoded image, and each one's box in the model input's geometry."""
+    usable = [item for item in boxed_slices if item.image is not None and item.gray is not None]
+    regions = [carry_region(item.gray, _box_region(item, boxes[item.header.sop_uid][1]),
+                            predictor.preprocess_params) for item in usable]
+    return usable, regions
+
+
+def _in_box(maps, usable: Sequence[SliceScore], regions: list[np.ndarray], count: int, name: str):
+    """(mean share of the maps' mass inside the boxes or None, a note, overlay tiles of up to `count` slices)."""
+    from chestct.evaluation.gradcam import overlay  # TensorFlow, only when there are maps to draw
+
+    shares = [mask_share(heatmap, region) for heatmap, region in zip(maps, regions, strict=True)]
+    defined = [share for share in shares if share is not None]
+    tiles = []
+    for item, heatmap, region, share in list(zip(usable, maps, regions, shares, strict=True))[:count]:
+        tile = overlay(item.image, heatmap)
+        outline = region & ~cv2.erode(region.astype(np.uint8), OUTLINE_KERNEL).astype(bool)
+        tile[outline] = (255, 255, 255)  # the box, in the model input's geometry
+        caption = f"p={item.probability:.2f} in box {'n/a' if share is None else f'{share:.2f}'}"
+        tiles.append((tile, caption))
+    note = f"{len(defined)} boxed slices with a non-zero {name}"
+    return (_round(np.mean(defined)) if defined else None), note, tiles
+
+
 def gradcam_in_box(predictor, boxed_slices: Sequence[SliceScore], boxes: dict, count: int
                    ) -> tuple[dict, list[tuple[np.ndarray, str]]]:
     """Mean share of Grad-CAM mass inside the box over the boxed slices, the share a uniform map would give (the
     box's share of the model input), and overlay tiles of up to `count` boxed slices with the box drawn."""
-    usable = [item for item in boxed_slices if item.image is not None and item.gray is not None]
+    usable, regions = _usable_and_regions(predictor, boxed_slices, boxes)
     if not usable:
         return {"in_box_gradcam_share": None, "in_box_area_share": None,
                 "in_box_note": "no boxed slice could be scored"}, []
     if not predictor.gradcam_available:
         return {"in_box_gradcam_share": None, "in_box_area_share": None,
                 "in_box_note": f"Grad-CAM needs a Keras model; the loaded format is {predictor.format}"}, []
-    from chestct.evaluation.gradcam import overlay  # TensorFlow, only when there are maps to draw
-
-    regions = [carry_region(item.gray, _box_region(item, boxes[item.header.sop_uid][1]),
-                            predictor.preprocess_params) for item in usable]
     heatmaps = predictor.heatmaps(np.stack([item.image for item in usable]))
-    shares = [mask_share(heatmap, region) for heatmap, region in zip(heatmaps, regions, strict=True)]
-    defined = [share for share in shares if share is not None]
-    tiles = []
-    for item, heatmap, region, share in list(zip(usable, heatmaps, regions, shares, strict=True))[:count]:
-        tile = overlay(item.image, heatmap)
-        outline = region & ~cv2.erode(region.astype(np.uint8), OUTLINE_KERNEL).astype(bool)
-        tile[outline] = (255, 255, 255)  # the box, in the model input's geometry
-        caption = f"p={item.probability:.2f} in box {'n/a' if share is None else f'{share:.2f}'}"
-        tiles.append((tile, caption))
-    return {"in_box_gradcam_share": _round(np.mean(defined)) if defined else None,
-            "in_box_area_share": _round(np.mean([region.mean() for region in regions])),
-            "in_box_note": f"{len(defined)} boxed slices with a non-zero map"}, tiles
+    share, note, tiles = _in_box(heatmaps, usable, regions, count, "Grad-CAM map")
+    return {"in_box_gradcam_share": share, "in_box_area_share": _round(np.mean([region.mean() for region in regions])),
+            "in_box_note": note}, tiles
+
+
+def lesion_map_in_box(predictor, boxed_slices: Sequence[SliceScore], boxes: dict, count: int
+                      ) -> tuple[dict, list[tuple[np.ndarray, str]]]:
+    """As `gradcam_in_box`, for the model's own lesion map (a lesion-map model; None figures otherwise)."""
+    usable, regions = _usable_and_regions(predictor, boxed_slices, boxes)
+    if not predictor.has_lesion_map or not usable:
+        why = "the model has no lesion map" if not predictor.has_lesion_map else "no boxed slice could be scored"
+        return {"in_box_lesion_map_share": None, "lesion_map_note": why}, []
+    _, maps = predictor.probabilities_and_maps(np.stack([item.image for item in usable]))
+    share, note, tiles = _in_box(maps, usable, regions, count, "lesion map")
+    return {"in_box_lesion_map_share": share, "lesion_map_note": note}, tiles
 
 
 def _slices_csv(path: Path, results: Sequence[SeriesScore], boxed: set[str]) -> None:
@@ -295,6 +319,8 @@ def score_annotated_series(entry: ExternalSetParams, folder: Path, predictor, ou
                          f"{skipped[0]['reason']})")
     kernel, per_pair = _kernel_figures(kernel_pairs(results))
     attention, tiles = gradcam_in_box(predictor, boxed_scored, boxes, settings.gradcam_images)
+    lesion_attention, lesion_tiles = lesion_map_in_box(predictor, boxed_scored, boxes, settings.gradcam_images)
+    attention |= lesion_attention
     figures = {"kind": entry.kind, "n": len(scored), "series": len(results), "boxed_slices": len(boxed_scored),
                "within_series_auc": _round(np.mean(defined)) if defined else None,
                "within_series_auc_per_series": {label: values["auc"] for label, values in per_series.items()},
@@ -303,6 +329,7 @@ def score_annotated_series(entry: ExternalSetParams, folder: Path, predictor, ou
                "other_slices_positive_rate": _round(np.mean([item.decision for item in other_scored]))
                if other_scored else None,
                **kernel, "in_box_gradcam_share": attention["in_box_gradcam_share"],
+               "in_box_lesion_map_share": attention["in_box_lesion_map_share"],
                "in_box_area_share": attention["in_box_area_share"], "skipped": len(skipped)}
     _slices_csv(out_dir / "slices.csv", results, boxed)
     z_profile_png(out_dir / "z_profile.png", results, predictor.threshold, boxed,
@@ -310,6 +337,9 @@ def score_annotated_series(entry: ExternalSetParams, folder: Path, predictor, ou
     if tiles:
         gradcam_grid_png(out_dir / "gradcam_boxed.png", tiles,
                          title=f"{entry.name}: Grad-CAM on boxed slices (white: the tumour box)")
+    if lesion_tiles:
+        gradcam_grid_png(out_dir / "lesion_map_boxed.png", lesion_tiles,
+                         title=f"{entry.name}: the model's lesion map on boxed slices (white: the tumour box)")
     details = {"per_series": per_series, "kernel_pairs": per_pair, "attention": attention,
                "series_problems": _series_with_problems(found.series), "skipped": skipped,
                "series_rule": "each slice is scored on its own; within-series AUC compares the boxed slices of a "
@@ -354,7 +384,8 @@ def summary_line(name: str, figures: dict) -> str:
                 f"boxed; within-series AUC {shown('within_series_auc')}, lesion sensitivity "
                 f"{shown('lesion_sensitivity')}, other slices called Cancer {shown('other_slices_positive_rate')}, "
                 f"kernel agreement {shown('kernel_agreement')} (mean |dp| {shown('kernel_mean_abs_diff')}), "
-                f"Grad-CAM in box {shown('in_box_gradcam_share')} (box area {shown('in_box_area_share')})")
+                f"Grad-CAM in box {shown('in_box_gradcam_share')}, lesion map in box "
+                f"{shown('in_box_lesion_map_share')} (box area {shown('in_box_area_share')})")
     if figures["kind"] == "normal_only":
         return f"external: {name}: {figures['n']} normal images, specificity {shown('specificity')}"
     return (f"external: {name}: {figures['n']} images, AUC {shown('auc')}, sensitivity {shown('sensitivity')}, "

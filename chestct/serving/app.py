@@ -102,9 +102,13 @@ def _result(prediction: Prediction) -> dict:
     # Grad-CAM's overlay lives with Grad-CAM, which imports TensorFlow: only needed when a heatmap was made.
     from chestct.evaluation.gradcam import overlay
 
-    result = prediction.to_dict() | {"input_png": png_data_url(prediction.model_input), "gradcam_png": None}
+    result = prediction.to_dict() | {"input_png": png_data_url(prediction.model_input), "gradcam_png": None,
+                                     "lesion_map_png": None}
     if prediction.heatmap is not None:
         result["gradcam_png"] = png_data_url(overlay(prediction.model_input, prediction.heatmap))
+    if prediction.lesion_map is not None:
+        # The map's own probabilities, not rescaled to its maximum: a Normal slice's map stays dark.
+        result["lesion_map_png"] = png_data_url(overlay(prediction.model_input, prediction.lesion_map))
     return result
 
 

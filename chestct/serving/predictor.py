@@ -49,11 +49,20 @@ class Prediction:
     model_sha256: str
     model_input: np.ndarray  # (S, S, 1) uint8: exactly what the model saw
     heatmap: np.ndarray | None = None  # (S, S) float32 in [0, 1] when Grad-CAM was asked for and available
+    lesion_map: np.ndarray | None = None  # (S, S) float32 in [0, 1]: the model's own lesion map, when it has one
 
     def to_dict(self) -> dict:
         return {"filename": self.filename, "diagnosis": self.diagnosis,
                 "cancer_probability": self.cancer_probability, "confidence": self.confidence,
                 "threshold": self.threshold, "model": {"format": self.model_format, "sha256": self.model_sha256}}
+
+
+def upsample_maps(maps: np.ndarray, size: int) -> np.ndarray:
+    """Lesion maps (N, h, w) -> (N, size, size) float32, each cell spread over the input pixels it covers."""
+    import cv2
+
+    return np.stack([cv2.resize(np.asarray(cell, np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+                     for cell in maps]) if len(maps) else np.zeros((0, size, size), np.float32)
 
 
 def resolve_export_dir(export_dir: str | Path | None = None) -> Path:
@@ -195,10 +204,24 @@ class Predictor:
         """`prepare` from a decoded grayscale: prepare(x) == prepare_decoded(decode(x)), the same preprocessing."""
         return preprocess_gray(gray, self.preprocess_params)
 
+    @property
+    def has_lesion_map(self) -> bool:
+        """Whether the model gives a lesion map beside its probability (model.lesion_map; schema 2.3)."""
+        return self.metadata.lesion_map is not None
+
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Cancer probabilities (N,) for prepared images (N, S, S, 1) uint8."""
+        return self.probabilities_and_maps(images)[0]
+
+    def probabilities_and_maps(self, images: np.ndarray, at_input_size: bool = True
+                               ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(Cancer probabilities (N,), lesion maps in [0, 1] or None for a model without one), from one forward
+        pass; the maps at the input's size (N, S, S), or as the model gives them (N, h, w)."""
         with self._lock:
-            return self._model.predict(np.ascontiguousarray(images, dtype=np.uint8))
+            probabilities, maps = self._model.predict_with_map(np.ascontiguousarray(images, dtype=np.uint8))
+        if maps is None or not at_input_size:
+            return probabilities, maps
+        return probabilities, upsample_maps(maps, self.image_size)
 
     def heatmaps(self, images: np.ndarray) -> np.ndarray:
         """Grad-CAM maps (N, S, S) in [0, 1]; only for the Keras formats."""
@@ -211,13 +234,13 @@ class Predictor:
             return gradcam(self._model.keras_model, images)
 
     def decide(self, filename: str, image: np.ndarray, probability: float,
-               heatmap: np.ndarray | None = None) -> Prediction:
+               heatmap: np.ndarray | None = None, lesion_map: np.ndarray | None = None) -> Prediction:
         is_cancer = bool(decide(probability, self.threshold))
         return Prediction(filename=filename, diagnosis=CLASS_NAMES[int(is_cancer)],
                           cancer_probability=float(probability),
                           confidence=float(probability if is_cancer else 1.0 - probability),
                           threshold=self.threshold, model_format=self.format, model_sha256=self.sha256,
-                          model_input=image, heatmap=heatmap)
+                          model_input=image, heatmap=heatmap, lesion_map=lesion_map)
 
     def predict(self, sources: list[tuple[str, bytes | str | Path]], gradcam: bool = False) -> list[Prediction]:
         """Predict (name, bytes-or-path) pairs. Every input is decoded first, so a bad file fails the call
@@ -225,10 +248,12 @@ class Predictor:
         images = np.stack([self.prepare(source, name) for name, source in sources]) if sources else None
         if images is None:
             return []
-        probabilities = self.probabilities(images)
+        probabilities, lesion_maps = self.probabilities_and_maps(images)
         maps = self.heatmaps(images) if gradcam and self.gradcam_available else [None] * len(images)
-        return [self.decide(name, image, probability, heatmap)
-                for (name, _), image, probability, heatmap in zip(sources, images, probabilities, maps, strict=True)]
+        lesion_maps = [None] * len(images) if lesion_maps is None else lesion_maps
+        return [self.decide(name, image, probability, heatmap, lesion_map)
+                for (name, _), image, probability, heatmap, lesion_map
+                in zip(sources, images, probabilities, maps, lesion_maps, strict=True)]
 
     def predict_file(self, path: str | Path, gradcam: bool = False) -> Prediction:
         return self.predict([(str(path), path)], gradcam=gradcam)[0]
@@ -240,6 +265,8 @@ class Predictor:
                 "threshold": self.threshold, "threshold_method": self.metadata.threshold_method,
                 "threshold_chosen_on": self.metadata.threshold_chosen_on,
                 "image_size": self.image_size, "gradcam_available": self.gradcam_available,
+                "lesion_map": (None if self.metadata.lesion_map is None
+                               else self.metadata.lesion_map.model_dump(mode="json")),
                 "load_report": self.load_report, "metrics": self.metadata.metrics,
                 "schema_version": self.metadata.schema_version, "versions": self.metadata.versions,
                 "preprocess": self.metadata.preprocess.model_dump(mode="json"),

@@ -36,6 +36,7 @@ class PredictionResult(BaseModel):
     model: ModelRef
     input_png: str  # data:image/png;base64 URL of what the model saw
     gradcam_png: str | None  # the Grad-CAM overlay, when asked for and the format allows it
+    lesion_map_png: str | None = None  # the model's own lesion map over its input, when the model has one
 
 
 class PredictResponse(BaseModel):

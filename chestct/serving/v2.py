@@ -10,7 +10,9 @@
 
 The input is what `Predictor.prepare` (the pipeline's preprocess_image) returns, batched: `image`, UINT8,
 [N, S, S, 1]; the output `probability`, FP32, [N, 1], from the very `Predictor.probabilities` /predict uses, and the
-model's threshold is in the metadata's parameters. Tensor data come as JSON (`data`, flat row-major or nested to
+model's threshold is in the metadata's parameters. A lesion-map model (model.lesion_map) has a second output,
+`lesion_map`, FP32, [N, h, w, 1] (the lesion probability per cell, metadata.json's `lesion_map`); a request
+without `outputs` gets every output, as the protocol says. Tensor data come as JSON (`data`, flat row-major or nested to
 the shape) or through the binary tensor extension (an `Inference-Header-Content-Length` header, the JSON header,
 then the raw bytes), which tritonclient uses by default; outputs are sent in binary when asked
 (`binary_data_output`, or an output's `binary_data`). Errors are the protocol's `{"error": "..."}`.
@@ -46,6 +48,7 @@ log = logging.getLogger("chestct.serving.v2")
 MODEL_NAME = "chestct"
 INPUT_NAME, INPUT_DATATYPE = "image", "UINT8"
 OUTPUT_NAME, OUTPUT_DATATYPE = "probability", "FP32"
+LESION_MAP_OUTPUT = "lesion_map"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_EXTENSION = "binary_tensor_data"  # the extension's name in Triton's server metadata
 MAX_JSON_HEADER = 64 * 1024  # the JSON part of a binary request, or the JSON around a request's data
@@ -200,11 +203,20 @@ def platform_of(format_name: str) -> str:
     return "tensorflow_keras"
 
 
+def output_tensors(predictor: Predictor) -> list[dict]:
+    """The model's outputs as the protocol's metadata lists them: the probability, and a lesion map if any."""
+    outputs = [{"name": OUTPUT_NAME, "datatype": OUTPUT_DATATYPE, "shape": [-1, 1]}]
+    if predictor.has_lesion_map:
+        outputs.append({"name": LESION_MAP_OUTPUT, "datatype": OUTPUT_DATATYPE,
+                        "shape": [-1, *predictor.metadata.lesion_map.output.shape]})
+    return outputs
+
+
 def model_metadata(predictor: Predictor) -> dict:
     size = predictor.image_size
     return {"name": MODEL_NAME, "versions": [version_of(predictor)], "platform": platform_of(predictor.format),
             "inputs": [{"name": INPUT_NAME, "datatype": INPUT_DATATYPE, "shape": [-1, size, size, 1]}],
-            "outputs": [{"name": OUTPUT_NAME, "datatype": OUTPUT_DATATYPE, "shape": [-1, 1]}],
+            "outputs": output_tensors(predictor),
             "parameters": {"threshold": predictor.threshold, "decision": DECISION_RULE,
                            "positive_class": predictor.metadata.positive_class, "format": predictor.format,
                            "sha256": predictor.sha256, "max_batch_size": predictor.serve_params.max_files}}
@@ -350,29 +362,43 @@ def images_of(request: InferRequest, binary: bytes, image_size: int, max_batch: 
     return values.reshape(batch, image_size, image_size, 1)
 
 
-def binary_output_wanted(request: InferRequest) -> bool:
-    """Whether `probability` goes back as binary data; V2Error for an output this model does not have."""
-    for output in request.outputs or []:
-        if output.name != OUTPUT_NAME:
-            raise V2Error(400, f"this model has one output, '{OUTPUT_NAME}'; '{output.name}' was requested",
-                          "wrong_output")
+def requested_outputs(request: InferRequest, available: list[str]) -> list[tuple[str, bool]]:
+    """(output name, sent as binary data) for every output to send back, in the request's order (every output
+    of the model when the request names none); V2Error for an output this model does not have."""
+    default_binary = bool(request.parameters) and request.parameters.get("binary_data_output") is True
+    if not request.outputs:
+        return [(name, default_binary) for name in available]
+    wanted = []
+    for output in request.outputs:
+        if output.name not in available:
+            names = ", ".join(f"'{name}'" for name in available)
+            raise V2Error(400, f"this model's outputs are {names}; '{output.name}' was requested", "wrong_output")
+        binary = default_binary
         if output.parameters and "binary_data" in output.parameters:
-            return output.parameters["binary_data"] is True
-    return bool(request.parameters) and request.parameters.get("binary_data_output") is True
+            binary = output.parameters["binary_data"] is True
+        wanted.append((output.name, binary))
+    return wanted
 
 
-def infer_response(request: InferRequest, probabilities: np.ndarray, version: str, binary: bool) -> Response:
-    values = np.asarray(probabilities, dtype="<f4").reshape(-1, 1)
-    output: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": OUTPUT_DATATYPE, "shape": list(values.shape)}
-    answer: dict[str, Any] = {"model_name": MODEL_NAME, "model_version": version, "outputs": [output]}
+def infer_response(request: InferRequest, values_by_name: dict[str, np.ndarray], wanted: list[tuple[str, bool]],
+                   version: str) -> Response:
+    outputs, blobs = [], []
+    for name, binary in wanted:
+        values = np.asarray(values_by_name[name], dtype="<f4")
+        output: dict[str, Any] = {"name": name, "datatype": OUTPUT_DATATYPE, "shape": list(values.shape)}
+        if binary:
+            output["parameters"] = {"binary_data_size": values.nbytes}
+            blobs.append(values.tobytes())
+        else:
+            output["data"] = values.ravel().tolist()  # float32 -> float: exact, so JSON loses nothing
+        outputs.append(output)
+    answer: dict[str, Any] = {"model_name": MODEL_NAME, "model_version": version, "outputs": outputs}
     if request.id is not None:
         answer["id"] = request.id
-    if not binary:
-        output["data"] = values.ravel().tolist()  # float32 -> float: exact, so JSON loses nothing
+    if not blobs:
         return JSONResponse(answer)
-    output["parameters"] = {"binary_data_size": values.nbytes}
     header = json.dumps(answer).encode()
-    return Response(header + values.tobytes(), media_type="application/octet-stream",
+    return Response(header + b"".join(blobs), media_type="application/octet-stream",
                     headers={HEADER_LENGTH: str(len(header))})
 
 
@@ -380,10 +406,14 @@ def run_inference(predictor: Predictor, body: bytes, header_length: str | None) 
     """Decode, check and predict one request (blocking: runs in a worker thread inside a prediction slot)."""
     header, binary = split_body(body, header_length)
     request = parse_request(header)
-    binary_output = binary_output_wanted(request)
+    wanted = requested_outputs(request, [output["name"] for output in output_tensors(predictor)])
     images = images_of(request, binary, predictor.image_size, predictor.serve_params.max_files)
-    probabilities = np.asarray(predictor.probabilities(images)).ravel()
-    return infer_response(request, probabilities, version_of(predictor), binary_output), probabilities
+    probabilities, maps = predictor.probabilities_and_maps(images, at_input_size=False)
+    probabilities = np.asarray(probabilities).ravel()
+    values = {OUTPUT_NAME: probabilities.reshape(-1, 1)}
+    if maps is not None:
+        values[LESION_MAP_OUTPUT] = np.asarray(maps)[..., np.newaxis]
+    return infer_response(request, values, wanted, version_of(predictor)), probabilities
 
 
 # --- the routes ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ const els = {
   result: $("result"), diagnosis: $("diagnosis"), probability: $("probability"), bar: $("probability-bar"),
   fill: $("probability-fill"), marker: $("threshold-marker"), confidence: $("confidence"),
   format: $("model-format"), sha: $("model-sha"), image: $("result-image"), caption: $("result-caption"),
-  toggle: $("gradcam-toggle"), gradcamNote: $("gradcam-note"),
+  toggle: $("gradcam-toggle"), gradcamNote: $("gradcam-note"), lesionToggle: $("lesion-toggle"),
   seriesInput: $("series-input"), seriesButton: $("series-button"), seriesResult: $("series-result"),
   seriesSummary: $("series-summary"), seriesList: $("series-list"), seriesModel: $("series-model"),
   notDicom: $("not-dicom"), notDicomSummary: $("not-dicom-summary"), notDicomList: $("not-dicom-list"),
@@ -197,7 +197,9 @@ function showResult(r) {
   const hasCam = Boolean(r.gradcam_png);
   els.toggle.disabled = !hasCam;
   els.gradcamNote.textContent = hasCam ? "" : `Grad-CAM is not available for the ${model.format || "current"} model format.`;
-  setGradcam(false);
+  // Only a lesion-map model has its own map: the button appears for it alone.
+  els.lesionToggle.hidden = !r.lesion_map_png;
+  setView("input");
   // The browser could not preview this file (DICOM): show the server's view of it instead.
   if (els.previewImg.hidden && r.input_png) {
     els.previewImg.src = r.input_png;
@@ -209,14 +211,21 @@ function showResult(r) {
   els.announce.textContent = `Result: ${r.diagnosis}, cancer probability ${fmt(p)}, threshold ${fmt(t)}.`;
 }
 
-function setGradcam(on) {
+// What the result figure shows: "input", "gradcam" or "lesion" (the model's own lesion map).
+function setView(view) {
   const name = current.filename || "the image";
-  els.toggle.setAttribute("aria-pressed", String(on));
-  if (on) {
+  els.toggle.setAttribute("aria-pressed", String(view === "gradcam"));
+  els.lesionToggle.setAttribute("aria-pressed", String(view === "lesion"));
+  if (view === "gradcam") {
     els.image.src = current.gradcam_png;
     els.image.alt = `Grad-CAM overlay for ${name}: red marks the regions that raised the cancer probability most`;
     // The server normalises each map to its own maximum: it shows where, not how strongly.
     els.caption.textContent = "Grad-CAM of the cancer probability (red = most influence, scaled per image)";
+  } else if (view === "lesion") {
+    els.image.src = current.lesion_map_png;
+    els.image.alt = `Lesion map for ${name}: the model's lesion probability at each position (red = high)`;
+    // Not rescaled: a slice the model finds clear stays blue everywhere.
+    els.caption.textContent = "The model's lesion map: lesion probability per position (blue 0, red 1); its pooling inside the lungs is the cancer probability";
   } else {
     els.image.src = current.input_png;
     els.image.alt = `Model input for ${name}: the grayscale slice after preprocessing`;
@@ -225,7 +234,12 @@ function setGradcam(on) {
 }
 
 els.toggle.addEventListener("click", () => {
-  if (current && current.gradcam_png) setGradcam(els.toggle.getAttribute("aria-pressed") !== "true");
+  if (current && current.gradcam_png) setView(els.toggle.getAttribute("aria-pressed") !== "true" ? "gradcam" : "input");
+});
+els.lesionToggle.addEventListener("click", () => {
+  if (current && current.lesion_map_png) {
+    setView(els.lesionToggle.getAttribute("aria-pressed") !== "true" ? "lesion" : "input");
+  }
 });
 
 // ---- A zipped DICOM series ----------------------------------------------------------------
