@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 
+from chestct.evaluation.gradcam import gradcam
 from chestct.params import Params
 from chestct.training.input_pipeline import training_dataset
 from chestct.training.lesion_map import LESION_LOGITS_NAME
@@ -78,7 +79,7 @@ def test_the_slice_score_is_the_map_pooled_over_the_lung_cells(default_params, p
 def test_a_lesion_map_model_saves_loads_and_scores_through_its_one_output_view(default_params, tmp_path):
     params = lesion_model_params(default_params)
     model = build_model(params.model, SIZE)
-    assert has_lesion_map(model) and last_conv_layer_name(model) == LESION_LOGITS_NAME
+    assert has_lesion_map(model) and last_conv_layer_name(model) == "lesion_fuse_1"  # the decoder's last layer
     path = tmp_path / "model.keras"
     model.save(path)
     images, _ = preprocessed_phantoms(params, 2, SIZE, seed=2)
@@ -89,6 +90,9 @@ def test_a_lesion_map_model_saves_loads_and_scores_through_its_one_output_view(d
     np.testing.assert_allclose(np.asarray(view(images, training=False)), prediction, atol=1e-6)
     np.testing.assert_allclose(np.asarray(lesion_map_view(full)(images, training=False)[1]), lesion_map, atol=1e-6)
     assert classifier_view(view) is view
+    # Grad-CAM works through the pooling, which reads the image as well as the decoder's features.
+    heatmaps = gradcam(view, images)
+    assert heatmaps.shape == (2, SIZE, SIZE) and np.all((heatmaps >= 0) & (heatmaps <= 1))
     assert unfreeze_for_finetuning(full, params.model) > 0  # the backbone is still found and fine-tuned
 
 

@@ -187,7 +187,7 @@ def test_metadata_records_its_schema_versions_and_input_contract(tiny_export):
 @pytest.mark.parametrize(("change", "message"), [
     (lambda m: m.update(schema_version="3.0"), r"schema version 3\.0, this chestct reads major version 2"),
     (lambda m: m.pop("schema_version"), r"schema version 1, this chestct reads major version 2"),
-    (lambda m: m.pop("threshold"), r"does not match the export metadata schema 2\.2 \(threshold: Field required"),
+    (lambda m: m.pop("threshold"), r"does not match the export metadata schema 2\.3 \(threshold: Field required"),
 ])
 def test_metadata_of_another_major_version_or_shape_is_refused_saying_what_to_do(tiny_export, tmp_path, change,
                                                                                  message):

@@ -19,30 +19,40 @@ import tensorflow as tf
 from chestct.training.model import last_conv_layer_name
 
 
-def _split_model(model: keras.Model, layer_name: str) -> tuple[keras.Model, keras.Model]:
-    """(image -> feature map, feature map -> prediction): two models sharing the original layers and weights.
+def _split_model(model: keras.Model, layer_name: str) -> tuple[keras.Model, keras.Model, bool]:
+    """(image -> feature map, head -> prediction, whether the head also takes the image): two models sharing the
+    original layers and weights.
 
     Splitting lets the tape watch the feature map itself. Calling one model that returns both would only
     record the path from the map to the output when something upstream of the map is watched: never for a
     frozen backbone (no trainable variables) or a map computed from the uint8 input by weightless layers.
+    The head is feature map -> prediction, or (feature map, image) -> prediction when the prediction also reads
+    the image by another path (a lesion-map model pools its map over the lung cells it finds in the input).
     """
     feature = model.get_layer(layer_name).output
     if len(feature.shape) != 4:
         raise ValueError(f"layer {layer_name!r} has a {len(feature.shape)}-D output; Grad-CAM needs a 4-D map")
+    output = model.outputs[0]
     try:
         # Keras 3 accepts an intermediate tensor as a model input (it clones the graph nodes).
-        head = keras.Model(feature, model.output)
+        return keras.Model(model.inputs, feature), keras.Model(feature, output), False
+    except ValueError:
+        pass
+    try:
+        return keras.Model(model.inputs, feature), keras.Model([feature, *model.inputs], output), True
     except ValueError as error:
-        raise ValueError(f"the prediction does not depend on layer {layer_name!r} alone: {error}") from error
-    return keras.Model(model.inputs, feature), head
+        raise ValueError(f"the prediction does not depend on layer {layer_name!r} and the image alone: "
+                         f"{error}") from error
 
 
-def _raw_maps(feature_model: keras.Model, head: keras.Model, images: np.ndarray) -> np.ndarray:
+def _raw_maps(feature_model: keras.Model, head: keras.Model, images: np.ndarray, head_reads_image: bool
+              ) -> np.ndarray:
     """Un-normalised Grad-CAM maps (B, h, w) float32 at feature-map resolution."""
-    features = feature_model(tf.convert_to_tensor(images), training=False)
+    images = tf.convert_to_tensor(images)
+    features = feature_model(images, training=False)
     with tf.GradientTape() as tape:
         tape.watch(features)
-        outputs = head(features, training=False)
+        outputs = head([features, images] if head_reads_image else features, training=False)
         # Samples do not interact in inference mode, so the gradient of the sum is each sample's own gradient.
         score = tf.reduce_sum(tf.cast(outputs[:, 0], tf.float32))
     gradients = tape.gradient(score, features)
@@ -75,9 +85,10 @@ def gradcam(model: keras.Model, images: np.ndarray, layer_name: str | None = Non
     size = images.shape[1]
     if len(images) == 0:
         return np.zeros((0, size, size), np.float32)
-    feature_model, head = _split_model(model, layer_name or last_conv_layer_name(model))
+    feature_model, head, head_reads_image = _split_model(model, layer_name or last_conv_layer_name(model))
     maps = [
-        _upsample_and_normalise(_raw_maps(feature_model, head, images[start:start + batch_size]), size)
+        _upsample_and_normalise(_raw_maps(feature_model, head, images[start:start + batch_size], head_reads_image),
+                                size)
         for start in range(0, len(images), batch_size)
     ]
     return np.concatenate(maps, axis=0)

@@ -24,6 +24,7 @@ from chestct.params import LesionMapParams
 
 LESION_MAP_NAME = "lesion_map"
 LESION_LOGITS_NAME = "lesion_logits"
+LESION_DECODER_PREFIX = "lesion_fuse_"  # the decoder's fusing convolutions, the last of them feeds the logits
 
 
 @keras.saving.register_keras_serializable(package="chestct")
@@ -140,7 +141,7 @@ def lesion_map_head(features, skips: list, image, params: LesionMapParams):
         x = layers.UpSampling2D(2, interpolation="bilinear", name=f"lesion_up_{index}")(x)
         reduced = layers.Conv2D(channels, 1, activation="relu", name=f"lesion_skip_{index}")(skip)
         x = layers.Concatenate(name=f"lesion_concat_{index}")([x, reduced])
-        x = layers.Conv2D(channels, 3, padding="same", activation="relu", name=f"lesion_fuse_{index}")(x)
+        x = layers.Conv2D(channels, 3, padding="same", activation="relu", name=f"{LESION_DECODER_PREFIX}{index}")(x)
     # Starting at a low lesion probability everywhere: nearly every cell of every training slice is not lesion.
     logits = layers.Conv2D(1, 1, dtype="float32", bias_initializer=keras.initializers.Constant(-2.0),
                            name=LESION_LOGITS_NAME)(x)

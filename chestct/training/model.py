@@ -40,7 +40,7 @@ from chestct.params import HeadParams, ModelParams, ParamsError
 from chestct.training.backbones import BACKBONE_NAME, backbone_spec
 from chestct.training.layers import BackbonePreprocessing, ChannelAttention, SpatialAttention
 from chestct.training.lesion_map import (
-    LESION_LOGITS_NAME,
+    LESION_DECODER_PREFIX,
     LESION_MAP_NAME,
     decoder_strides,
     lesion_map_head,
@@ -242,12 +242,13 @@ def last_conv_layer_name(model: keras.Model) -> str:
     """The last layer of the outer model with a 4-D output: the attention-weighted backbone feature map.
 
     Being part of the outer graph, its output can be fetched together with the prediction:
-    `keras.Model(model.input, [model.get_layer(name).output, model.output])`. A lesion-map model's is its
-    lesion logits (its lung-coverage map is 4-D too, but computed from the input alone).
+    `keras.Model(model.input, [model.get_layer(name).output, model.output])`. A lesion-map model's is the last
+    layer of its decoder before the map's 1x1 convolution (its lung-coverage map is 4-D too, but computed from
+    the input alone, and the one-channel logits would make Grad-CAM a copy of the map).
     """
-    names = [layer.name for layer in model.layers]
-    if LESION_LOGITS_NAME in names:
-        return LESION_LOGITS_NAME
+    decoder = [layer.name for layer in model.layers if layer.name.startswith(LESION_DECODER_PREFIX)]
+    if decoder:
+        return decoder[-1]
     for layer in reversed(model.layers):
         if len(layer.output.shape) == 4:
             return layer.name
