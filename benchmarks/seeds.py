@@ -40,6 +40,7 @@ FIGURES = [
     ("validation AUC (phase 2 best)", "train_phase2", "best_val_auc"),
     ("hist-matched test AUC", "eval", "shortcut.hist_matched_model_auc"),
     ("robustness worst AUC", "eval", "robustness.worst_auc"),
+    ("inserted-lesion check, test Normals", "eval", "lesion_check.test_auc"),
     ("intensity rule, stored files", "eval", "shortcut.intensity_std_auc"),
     ("intensity rule, model input", "eval", "shortcut.input_intensity_std_auc"),
     ("histogram rule, model input", "eval", "shortcut.input_histogram_auc"),
