@@ -82,7 +82,7 @@ def main() -> None:
             figure.paste(part, (0, offset))
             offset += part.height
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        figure.save(args.out, optimize=True)
+        figure.quantize(256).save(args.out, optimize=True)  # a palette keeps the PNG small
     print(f"{args.out}: {figure.width}x{figure.height} px")
 
 
