@@ -1,4 +1,7 @@
-"""End to end: `dvc repro train_phase2` on phantoms at 64 px with MobileNetV3Small from random weights.
+"""End to end: `dvc repro train_phase2` on phantoms at 64 px with MobileNetV3Small from random weights, as a
+lesion-map model (model.lesion_map) with procedural lesions inserted into a quarter of the Normal half, so this
+one run also carries the map through training, evaluation, every export format, serving and the panel (the
+plain model's path runs end to end in test_experiments and test_dvc_contract).
 
 Learnability: the only difference between the phantom classes is the lesion (no brightness shortcut), so a
 validation AUC of at least 0.9 means the model, the input pipeline and both phases really learn. With random
@@ -28,12 +31,13 @@ LEARNABILITY = {
     "preprocess": {"image_size": 64},
     "model": {"backbone": "mobilenetv3small", "weights": None, "unfreeze": {"mobilenetv3small": 1000},
               "head": {"units": [64], "dropout": 0.3, "l2": 0.0001, "batchnorm_momentum": 0.9,
-                       "input_noise_stddev": 0.0}},
+                       "input_noise_stddev": 0.0},
+              "lesion_map": {"enabled": True}},
     # Light geometry only: 800 phantoms are plenty, and heavier augmentation slows learning at 64 px.
     "augment": {"rotation": {"probability": 0.5, "degrees": 10}, "shift": {"probability": 0.5, "fraction": 0.08},
                 "zoom": _OFF, "shear": _OFF, "brightness": _OFF, "contrast": _OFF, "sharpness": _OFF,
-                "hu_window": _OFF, "mixup": _OFF},
-    "train": {"steps_per_epoch": 30, "loss": {"name": "bce"},
+                "hu_window": _OFF, "mixup": _OFF, "lesion_insertion": {"variants": 2}},
+    "train": {"steps_per_epoch": 30, "loss": {"name": "bce"}, "lesion_supervision": {"procedural_rate": 0.25},
               "reduce_lr": {"factor": 0.3, "patience": 6, "min_lr": 1e-6}, "early_stopping_patience": 15,
               "phase1": {"epochs": 1, "learning_rate": 1e-3}, "phase2": {"epochs": 45, "learning_rate": 1.5e-3}},
 }
@@ -59,6 +63,11 @@ def test_both_phases_write_models_metrics_and_curves(trained_repo):
         assert logged >= {"train/loss.tsv", "train/learning_rate.tsv", "eval/auc.tsv", "eval/loss.tsv"}
     phase2 = json.loads((repo / "metrics/train_phase2.json").read_text())
     assert phase2["unfrozen_backbone_layers"] == 156
+    # The batch composition is logged, and the inserted lesions' sizes in input pixels are recorded.
+    assert "8 real Cancer (pooled image-level loss only)" in stdout and "25% procedural inserted lesions" in stdout
+    inserted = phase2["lesion_insertion"]["procedural"]
+    assert inserted["rate"] == 0.25 and 3 <= inserted["diameter_px_median"] <= 20
+    assert 0.0 <= phase2["best_val_lesion_check"] <= 1.0
 
 
 def test_learnability_on_phantoms(trained_repo):
@@ -82,6 +91,10 @@ def test_phase2_model_reloads_and_takes_the_cached_array(trained_repo):
     assert first.shape == (len(images), 1) and np.isfinite(first).all()
     np.testing.assert_array_equal(first, again)
     assert model.get_layer("channel_attention").trainable_weights
+    full = load_trained_model(repo / "models/phase2.keras", keep_lesion_map=True)
+    probability, lesion_map = (keras.ops.convert_to_numpy(x) for x in full(images, training=False))
+    np.testing.assert_array_equal(probability, first)
+    assert lesion_map.shape == (len(images), 8, 8, 1)
 
 
 def test_nothing_changed_nothing_retrains(trained_repo):
@@ -128,6 +141,8 @@ def test_evaluate_writes_metrics_threshold_and_plots(evaluated_repo):
     assert robust["clean_auc"] == metrics["test"]["auc"] and "histogram_match" in robust
     threshold = json.loads((repo / "models/threshold.json").read_text())
     assert threshold["chosen_on"] == "valid" and threshold["threshold"] == metrics["test"]["threshold"]
+    check = metrics["lesion_check"]
+    assert check["test_n"] > 0 and check["valid_n"] > 0 and 0.0 <= check["test_auc"] <= 1.0
     for name in ("roc.png", "scores.png", "confusion.png", "calibration.png", "gradcam.png", "robustness.png"):
         assert (repo / "plots/eval" / name).stat().st_size > 5_000, name
     shown = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)
@@ -193,6 +208,9 @@ def test_export_writes_every_format_with_verified_parity(exported_repo):
     threshold = json.loads((repo / "models/threshold.json").read_text())
     assert metadata["threshold"] == threshold["threshold"]
     assert metadata["input"] == {**metadata["input"], "shape": [64, 64, 1], "dtype": "uint8"}
+    assert metadata["lesion_map"]["output"]["shape"] == [8, 8, 1] and metadata["lesion_map"]["stride"] == 8
+    for name, report in metrics["formats"].items():  # the map is checked as the probability is
+        assert report["max_abs_map_diff"] <= (1e-5 if not report["quantized"] else 0.02), name
     # The metadata carries the run's preprocessing exactly as params.yaml set it, so the predictor redoes it.
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert metadata["preprocess"]["image_size"] == 64
@@ -229,6 +247,7 @@ def test_serving_sees_the_cached_arrays_and_every_format_decides_alike(exported_
     with TestClient(create_app(export)) as client:
         response = client.post("/predict", files=[("files", (files[0].name, files[0].read_bytes()))])
     (served,) = response.json()["results"]
+    assert served["lesion_map_png"].startswith("data:image/png")
     assert served["cancer_probability"] == pytest.approx(expected[0].cancer_probability, abs=1e-6)
     assert served["diagnosis"] == expected[0].diagnosis
 
@@ -266,13 +285,14 @@ def test_external_stage_scores_declared_sets_and_diffs_between_commits(exported_
     series = metrics["series_set"]
     assert (series["n"], series["series"], series["boxed_slices"], series["kernel_pairs"]) == (20, 2, 6, 1)
     for key in ("within_series_auc", "lesion_sensitivity", "other_slices_positive_rate", "kernel_mean_abs_diff",
-                "kernel_agreement", "in_box_gradcam_share", "in_box_area_share"):
+                "kernel_agreement", "in_box_gradcam_share", "in_box_lesion_map_share", "in_box_area_share"):
         assert series[key] is not None, key
     assert 0.0 <= series["in_box_gradcam_share"] <= 1.0 and 0.0 < series["in_box_area_share"] < 0.5
+    assert 0.0 <= series["in_box_lesion_map_share"] <= 1.0
     assert metrics["normal_set"]["n"] == 4 and metrics["normal_set"]["specificity"] is not None
     assert metrics["clinic"]["n"] == 8 and metrics["clinic"]["auc"] is not None
     plots = repo / "plots/external"
-    assert {"z_profile.png", "gradcam_boxed.png", "slices.csv", "report.json"} <= {
+    assert {"z_profile.png", "gradcam_boxed.png", "lesion_map_boxed.png", "slices.csv", "report.json"} <= {
         path.name for path in (plots / "series_set").iterdir()}
     assert (plots / "clinic" / "metrics.json").exists() and (plots / "normal_set" / "scores.png").exists()
     run(["git", "add", "-A"], repo)
