@@ -487,6 +487,9 @@ class Params(Section):
         if (supervision.procedural_rate or supervision.bank_rate) and not self.model.lesion_map.enabled:
             raise ValueError("train.lesion_supervision: inserted lesions train the lesion map; set "
                              "model.lesion_map.enabled: true, or both rates to 0")
+        if self.train.selection == "val_auc_lesion" and not self.model.lesion_map.enabled:
+            raise ValueError("train.selection: val_auc_lesion selects on the inserted-lesion check of a lesion-map "
+                             "model; set model.lesion_map.enabled: true, or choose val_auc or val_auc_robust")
         return self
 
 

@@ -110,3 +110,20 @@ def test_the_check_inserts_before_the_pipelines_standardisation(default_params):
         assert np.all((inserted[..., 0] == 0) == (clean[..., 0] == 0))  # the same kept region
         # Equalised: the lesion is bright against the lung around it, as a real lesion would be.
         assert inserted[..., 0][mask].mean() > clean[..., 0][mask].mean() + 20
+
+
+def test_lesion_params_that_need_a_lesion_map_say_so(default_params):
+    from chestct.params import ParamsError, parse_params
+
+    raw = default_params.model_dump(mode="json")
+    raw["train"]["lesion_supervision"]["procedural_rate"] = 0.3
+    with pytest.raises(ParamsError, match="model.lesion_map.enabled: true"):
+        parse_params(raw)
+    raw["train"]["lesion_supervision"]["procedural_rate"] = 0.0
+    raw["train"]["selection"] = "val_auc_lesion"
+    with pytest.raises(ParamsError, match="val_auc_lesion selects on the inserted-lesion check"):
+        parse_params(raw)
+    raw["model"]["lesion_map"]["enabled"] = True
+    raw["train"]["lesion_supervision"].update(procedural_rate=0.6, bank_rate=0.6)
+    with pytest.raises(ParamsError, match="must not exceed 1"):
+        parse_params(raw)
