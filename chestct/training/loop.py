@@ -204,7 +204,13 @@ def lesion_training_pool(model: keras.Model, train: SplitArrays, params: Params,
                          restandardised: bool) -> LesionPool | None:
     """The inserted-lesion copies of the training Normals for a lesion-map model (None without a map), built
     from the images training starts from (the unstandardised ones when it redoes the standardisation)."""
+    supervision = params.train.lesion_supervision
+    # Read whatever the model: a model without a map ignores them, and says so below, rather than being stale.
+    rates = supervision.procedural_rate, supervision.bank_rate
     if not has_lesion_map(model):
+        if any(rates):
+            raise TrainingError("train.lesion_supervision inserts lesions, but the model has no lesion map; set "
+                                "model.lesion_map.enabled: true (phase 1 builds the map) or both rates to 0")
         return None
     normals = train.take(np.flatnonzero(np.asarray(train.labels) == NORMAL))
     hosts = np.asarray(normals.unstandardised) if restandardised else np.asarray(normals.images)[..., 0]
