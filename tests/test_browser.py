@@ -54,6 +54,7 @@ def test_upload_a_scan_and_see_the_diagnosis_and_the_overlay(page, tmp_path):
     model_input = image.get_attribute("src")
     assert model_input.startswith("data:image/png;base64,")
 
+    assert page.locator("#lesion-toggle").is_hidden()  # this model has no lesion map: no button for one
     toggle = page.locator("#gradcam-toggle")
     assert toggle.is_enabled()
     toggle.click()
@@ -113,3 +114,31 @@ def test_upload_a_zipped_series_and_see_one_card_per_series(page, tmp_path):
         target = Path(os.environ["CHESTCT_SCREENSHOT_DIR"]) / "serve-page-series.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(target), full_page=True)
+
+
+def test_a_lesion_map_model_shows_its_map_on_the_page(browser, tiny_lesion_export, tmp_path):
+    from tests.serving_support import running_server
+
+    scan = tmp_path / "phantom.png"
+    scan.write_bytes(png_bytes(phantom_images(count=2)[1][1]))
+    with running_server(tiny_lesion_export) as url:
+        context = browser.new_context(viewport={"width": 1200, "height": 900})
+        page = context.new_page()
+        page.goto(url)
+        page.wait_for_selector("#status[data-model=ready]")
+        page.locator("#file-input").set_input_files(str(scan))
+        page.wait_for_selector("body[data-state=done]", timeout=60_000)
+        image, lesion, gradcam = (page.locator(f"#{name}") for name in ("result-image", "lesion-toggle",
+                                                                         "gradcam-toggle"))
+        model_input = image.get_attribute("src")
+        assert lesion.is_visible()
+        lesion.click()
+        assert lesion.get_attribute("aria-pressed") == "true" and gradcam.get_attribute("aria-pressed") == "false"
+        assert image.get_attribute("src") != model_input
+        assert "lesion map" in page.locator("#result-caption").inner_text()
+        gradcam.click()  # one view at a time
+        assert gradcam.get_attribute("aria-pressed") == "true" and lesion.get_attribute("aria-pressed") == "false"
+        lesion.click()
+        lesion.click()  # pressed again: back to the model's input
+        assert image.get_attribute("src") == model_input
+        context.close()
