@@ -199,17 +199,13 @@ def _load_tflite(path: Path, batch_size: int) -> tuple[PredictWithMap, None]:
     input_index = interpreter.get_input_details()[0]["index"]
     output_indices = [detail["index"] for detail in interpreter.get_output_details()]
 
-    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        # One image per invoke: the converted graph has a fixed batch of 1, as on an edge device.
-        answers = []
-        for image in batch:
-            interpreter.set_tensor(input_index, image[np.newaxis])
-            interpreter.invoke()
-            answers.append(split_outputs([interpreter.get_tensor(index) for index in output_indices]))
-        maps = None if answers[0][1] is None else np.concatenate([answer[1] for answer in answers])
-        return np.concatenate([answer[0] for answer in answers]), maps
+    def run(single: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        interpreter.set_tensor(input_index, single)
+        interpreter.invoke()
+        return split_outputs([interpreter.get_tensor(index) for index in output_indices])
 
-    return _batched(run, batch_size), None
+    # One image per invoke: the converted graph has a fixed batch of 1, as on an edge device.
+    return _batched(run, 1), None
 
 
 # --- the registry -----------------------------------------------------------------------------------------
