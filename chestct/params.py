@@ -340,13 +340,25 @@ class LesionSupervisionParams(Section):
     map_loss_weight: Annotated[float, Field(ge=0.0)] = 1.0
     procedural_rate: Probability = 0.0
     bank_rate: Probability = 0.0
+    crop_rate: Probability = 0.0
     bank_path: str = "../shared/data/lidc-nodules"
+
+    @property
+    def source_rates(self) -> dict[str, float]:
+        """The share of the Normal half each source of outlined lesions takes, by source name."""
+        return {"procedural": self.procedural_rate, "bank": self.bank_rate, "crop": self.crop_rate}
+
+    @property
+    def reads_bank(self) -> bool:
+        """Whether training reads the nodule bank (pasted nodules or crops at their own scale)."""
+        return self.bank_rate > 0 or self.crop_rate > 0
 
     @model_validator(mode="after")
     def _rates(self) -> LesionSupervisionParams:
-        if self.procedural_rate + self.bank_rate > 1.0:
-            raise ValueError(f"procedural_rate + bank_rate must not exceed 1 (they share the Normal half of a "
-                             f"batch), got {self.procedural_rate} + {self.bank_rate}")
+        if sum(self.source_rates.values()) > 1.0:
+            terms = " + ".join(f"{rate}" for rate in self.source_rates.values())
+            raise ValueError(f"procedural_rate + bank_rate + crop_rate must not exceed 1 (they share the Normal "
+                             f"half of a batch), got {terms}")
         return self
 
 
@@ -484,9 +496,9 @@ class Params(Section):
     @model_validator(mode="after")
     def _supervision_needs_a_map(self) -> Params:
         supervision = self.train.lesion_supervision
-        if (supervision.procedural_rate or supervision.bank_rate) and not self.model.lesion_map.enabled:
-            raise ValueError("train.lesion_supervision: inserted lesions train the lesion map; set "
-                             "model.lesion_map.enabled: true, or both rates to 0")
+        if any(supervision.source_rates.values()) and not self.model.lesion_map.enabled:
+            raise ValueError("train.lesion_supervision: outlined lesions train the lesion map; set "
+                             "model.lesion_map.enabled: true, or every rate to 0")
         if self.train.selection == "val_auc_lesion" and not self.model.lesion_map.enabled:
             raise ValueError("train.selection: val_auc_lesion selects on the inserted-lesion check of a lesion-map "
                              "model; set model.lesion_map.enabled: true, or choose val_auc or val_auc_robust")

@@ -9,10 +9,10 @@ import pytest
 from chestct.imaging.preprocess import standardise
 from chestct.imaging.standardise import noise_level
 from chestct.params import LesionInsertionParams, LesionSupervisionParams
-from chestct.training.lesion_bank import read_nodule_bank
+from chestct.training.lesion_bank import bank_digest, read_nodule_bank
 from chestct.training.lesion_check import build_lesion_check
 from chestct.training.lesion_insertion import insert, placement_region, tissue_level
-from chestct.training.lesion_pool import build_lesion_pool
+from chestct.training.lesion_pool import CropPreparation, build_lesion_pool
 from tests.lesion_hosts import phantom_split, preprocessed_phantoms
 from tests.test_lesion_bank import make_bank
 
@@ -91,6 +91,31 @@ def test_bank_nodules_are_cut_along_their_outline_and_sized_by_the_lung_field(ho
     assert summary["bank_digest"]
 
 
+def test_nodule_crops_enter_whole_at_their_own_scale_through_the_slices_preprocessing(hosts, default_params,
+                                                                                          tmp_path):
+    bank = read_nodule_bank(make_bank(tmp_path, nodules=3, size=32))
+    preprocess = default_params.preprocess.model_copy(update={"image_size": 64})
+    supervision = LesionSupervisionParams(crop_rate=0.25)
+    pools = {restandardised: build_lesion_pool(hosts, INSERTION, supervision, seed=0, bank=bank,
+                                               crop_preparation=CropPreparation(preprocess, restandardised))
+             for restandardised in (True, False)}
+    pool = pools[True]
+    assert set(pool.images) == {"crop"} and pool.rates == {"crop": 0.25} and pool.bank_digest == bank_digest(bank)
+    assert pool.images["crop"].shape == pool.masks["crop"].shape == (3, 64, 64)
+    for image, mask, nodule in zip(pool.images["crop"], pool.masks["crop"], bank, strict=True):
+        assert np.all(image >= 1)  # the whole crop is kept: every position outside the outline is a negative
+        expected = cv2.resize(nodule.outline.astype(np.uint8), (64, 64), interpolation=cv2.INTER_NEAREST) > 0
+        assert (mask != expected).mean() < 0.02  # the outline, scaled as the crop is
+        assert image[mask].mean() > image[~mask].mean() + 20  # the nodule is where its outline says
+    # Training that redoes the standardisation starts from the unstandardised crop; otherwise from the input.
+    for raw, standardised in zip(pool.images["crop"], pools[False].images["crop"], strict=True):
+        assert np.array_equal(standardise(raw, preprocess), standardised)
+    summary = pool.summary()["crop"]
+    assert summary["images"] == 3 and 10 < summary["diameter_px_median"] < 40
+    with pytest.raises(ValueError, match="crop_rate > 0 needs the preprocessing"):
+        build_lesion_pool(hosts, INSERTION, supervision, seed=0, bank=bank)
+
+
 def test_no_rate_no_pool_and_no_bank_read(hosts):
     pool = build_lesion_pool(hosts, INSERTION, LesionSupervisionParams(bank_path="/nowhere"), seed=0)
     assert pool.images == {} and pool.summary() == {}
@@ -126,4 +151,12 @@ def test_lesion_params_that_need_a_lesion_map_say_so(default_params):
     raw["model"]["lesion_map"]["enabled"] = True
     raw["train"]["lesion_supervision"].update(procedural_rate=0.6, bank_rate=0.6)
     with pytest.raises(ParamsError, match="must not exceed 1"):
+        parse_params(raw)
+    raw["train"]["lesion_supervision"].update(procedural_rate=0.4, bank_rate=0.3, crop_rate=0.4)
+    with pytest.raises(ParamsError, match="bank_rate \\+ crop_rate must not exceed 1"):
+        parse_params(raw)
+    raw["train"]["lesion_supervision"].update(procedural_rate=0.0, bank_rate=0.0, crop_rate=0.3)
+    raw["model"]["lesion_map"]["enabled"] = False
+    raw["train"]["selection"] = "val_auc"
+    with pytest.raises(ParamsError, match="model.lesion_map.enabled: true"):
         parse_params(raw)

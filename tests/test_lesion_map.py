@@ -15,7 +15,7 @@ from chestct.params import Params
 from chestct.training.input_pipeline import training_dataset
 from chestct.training.lesion_map import LESION_LOGITS_NAME
 from chestct.training.lesion_pool import build_lesion_pool
-from chestct.training.loop import compile_for_phase
+from chestct.training.loop import compile_for_phase, describe_batches, lesion_training_pool
 from chestct.training.model import (
     build_model,
     classifier_view,
@@ -26,6 +26,7 @@ from chestct.training.model import (
     unfreeze_for_finetuning,
 )
 from tests.lesion_hosts import phantom_split, preprocessed_phantoms
+from tests.test_lesion_bank import make_bank
 
 SIZE = 64
 
@@ -94,6 +95,21 @@ def test_a_lesion_map_model_saves_loads_and_scores_through_its_one_output_view(d
     heatmaps = gradcam(view, images)
     assert heatmaps.shape == (2, SIZE, SIZE) and np.all((heatmaps >= 0) & (heatmaps <= 1))
     assert unfreeze_for_finetuning(full, params.model) > 0  # the backbone is still found and fine-tuned
+
+
+def test_training_mixes_nodule_crops_into_the_normal_half_and_says_so(default_params, tmp_path):
+    params = lesion_model_params(default_params)
+    supervision = params.train.lesion_supervision.model_copy(update={
+        "procedural_rate": 0.25, "crop_rate": 0.25, "bank_path": str(make_bank(tmp_path, nodules=3))})
+    params = params.model_copy(update={"train": params.train.model_copy(update={"lesion_supervision": supervision})})
+    split = phantom_split(params, normals=4, cancers=2, size=SIZE, seed=5)
+    pool = lesion_training_pool(build_model(params.model, SIZE), split, params, seed=0, restandardised=True)
+    assert pool.rates == {"procedural": 0.25, "crop": 0.25} and len(pool.images["crop"]) == 3
+    assert pool.images["crop"].shape[1:] == (SIZE, SIZE)
+    assert describe_batches(params, pool) == (
+        "batches of 16: 8 real Cancer (pooled image-level loss only), 8 from the Normal half: 50% Normal (all-zero "
+        "map target), 25% procedural inserted lesions (mask targets), 25% LIDC nodule crops at their own scale "
+        "(mask targets)")
 
 
 def _trainable(params: Params) -> keras.Model:

@@ -24,9 +24,10 @@ Lesion targets (a model with a lesion map, chestct.training.lesion_map): the bat
 and a mask weight per image, and the dataset yields (images, (labels, masks), (1, mask weights)): targets and
 sample weights in the model's output order, prediction then lesion_map. A Normal's mask is all zero (weight 1:
 every position is a known negative); a Normal with an inserted lesion (chestct.training.lesion_pool) has the
-lesion's mask, label 1 and weight 1; a real Cancer has no outline (weight 0: only the pooled image-level loss
-reaches it). The inserted copies come out of the Normal half at their rates, so every batch still holds
-batch_size / 2 real Cancers. Geometry moves image and mask together; MixUp blends them alike.
+lesion's mask, label 1 and weight 1, and so has a LIDC nodule crop at its own scale; a real Cancer has no
+outline (weight 0: only the pooled image-level loss reaches it). The inserted copies and crops come out of the
+Normal half at their rates, so every batch still holds batch_size / 2 real Cancers. Geometry moves image and
+mask together; MixUp blends them alike.
 
 Distribution: every worker builds the same global batches and tf.data's DATA auto-sharding hands each replica
 its slice of each one, so N workers take the same optimisation steps as one process with the same batch.

@@ -31,7 +31,7 @@ from chestct.training.distribute import make_strategy, weights_digest
 from chestct.training.input_pipeline import training_dataset, validation_dataset
 from chestct.training.lesion_check import LesionCheckSet, build_lesion_check, lesion_check_auc
 from chestct.training.lesion_map import LesionMapLoss
-from chestct.training.lesion_pool import LesionPool, build_lesion_pool
+from chestct.training.lesion_pool import SOURCE_DESCRIPTIONS, CropPreparation, LesionPool, build_lesion_pool
 from chestct.training.losses import make_loss
 from chestct.training.model import has_lesion_map, prediction_of
 from chestct.training.photometric import standardise_tf
@@ -206,15 +206,15 @@ def lesion_training_pool(model: keras.Model, train: SplitArrays, params: Params,
     from the images training starts from (the unstandardised ones when it redoes the standardisation)."""
     supervision = params.train.lesion_supervision
     # Read whatever the model: a model without a map ignores them, and says so below, rather than being stale.
-    rates = supervision.procedural_rate, supervision.bank_rate
     if not has_lesion_map(model):
-        if any(rates):
-            raise TrainingError("train.lesion_supervision inserts lesions, but the model has no lesion map; set "
-                                "model.lesion_map.enabled: true (phase 1 builds the map) or both rates to 0")
+        if any(supervision.source_rates.values()):
+            raise TrainingError("train.lesion_supervision mixes in outlined lesions, but the model has no lesion "
+                                "map; set model.lesion_map.enabled: true (phase 1 builds the map) or every rate to 0")
         return None
     normals = train.take(np.flatnonzero(np.asarray(train.labels) == NORMAL))
     hosts = np.asarray(normals.unstandardised) if restandardised else np.asarray(normals.images)[..., 0]
-    return build_lesion_pool(hosts, params.augment.lesion_insertion, params.train.lesion_supervision, seed)
+    return build_lesion_pool(hosts, params.augment.lesion_insertion, supervision, seed,
+                             crop_preparation=CropPreparation(params.preprocess, restandardised))
 
 
 def describe_batches(params: Params, pool: LesionPool | None) -> str:
@@ -223,7 +223,8 @@ def describe_batches(params: Params, pool: LesionPool | None) -> str:
     if pool is None:
         return f"batches of {params.train.batch_size}" + (f": {half} Normal, {half} Cancer"
                                                          if params.train.balanced_batches else "")
-    inserted = ", ".join(f"{rate:.0%} {source} inserted lesions (mask targets)" for source, rate in pool.rates.items())
+    inserted = ", ".join(f"{rate:.0%} {SOURCE_DESCRIPTIONS[source]} (mask targets)"
+                         for source, rate in pool.rates.items())
     plain = 1.0 - sum(pool.rates.values())
     return (f"batches of {params.train.batch_size}: {half} real Cancer (pooled image-level loss only), {half} from "
             f"the Normal half: {plain:.0%} Normal (all-zero map target)" + (f", {inserted}" if inserted else ""))
