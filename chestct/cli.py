@@ -167,9 +167,10 @@ def _predict(args: argparse.Namespace) -> None:
         if args.json:
             print(json.dumps(prediction.to_dict()))
         else:
-            print(f"{image_path}: {prediction.diagnosis:<6}  p(cancer) {prediction.cancer_probability:.3f}  "
-                  f"threshold {prediction.threshold:.3f}  confidence {prediction.confidence:.3f}  "
-                  f"[{prediction.model_format} {prediction.model_sha256[:12]}]")
+            print(f"{image_path}: {prediction.diagnosis:<6}  p(cancer) {prediction.cancer_probability_calibrated:.3f}  "
+                  f"threshold {prediction.threshold_calibrated:.3f}  confidence {prediction.confidence:.3f}  "
+                  f"(score {prediction.cancer_probability:.3f}, threshold {prediction.threshold:.3f}; "
+                  f"{prediction.calibration})  [{prediction.model_format} {prediction.model_sha256[:12]}]")
     if failures:
         raise SystemExit(1)
 

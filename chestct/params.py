@@ -393,6 +393,13 @@ class ThresholdParams(Section):
     folds: Annotated[int, Field(ge=2, le=20)] = 3
 
 
+class CalibrationParams(Section):
+    """evaluate.calibration: the map from score to probability, fitted where the threshold is chosen."""
+
+    method: Literal["none", "temperature", "platt", "isotonic"] = "platt"
+    bins: Annotated[int, Field(ge=2, le=50)] = 10
+
+
 class RobustnessParams(Section):
     enabled: bool
     gamma: list[Annotated[float, Field(gt=0.0, le=10.0)]]
@@ -409,6 +416,7 @@ class RobustnessParams(Section):
 
 class EvaluateParams(Section):
     threshold: ThresholdParams
+    calibration: CalibrationParams = CalibrationParams()
     bootstrap_resamples: Annotated[int, Field(ge=100)]
     confidence_level: Annotated[float, Field(gt=0.5, lt=1.0)]
     histogram_bins: Annotated[int, Field(ge=2, le=256)]

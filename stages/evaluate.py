@@ -10,6 +10,7 @@ from chestct.atomic_io import write_json
 from chestct.evaluation import plots
 from chestct.evaluation.ablation import ablation_report
 from chestct.evaluation.attention import anatomy_masks, attention_report, outline
+from chestct.evaluation.calibration import calibration_report
 from chestct.evaluation.gradcam import gradcam, overlay
 from chestct.evaluation.input_cues import input_shortcut_audit
 from chestct.evaluation.out_of_fold import choose_out_of_fold_threshold, read_scores
@@ -82,13 +83,23 @@ def _gradcam_grid(model, test, test_scores, threshold, settings, attention_maps,
     plots.gradcam_grid_png(PLOTS / "gradcam.png", tiles)
 
 
-def _choose_threshold(valid_labels, valid_scores, manifest: pd.DataFrame, settings) -> dict:
-    """On the validation scores, or on the out_of_fold stage's scores over train + valid."""
+def _choose_threshold(valid_labels, valid_scores, manifest: pd.DataFrame, settings) -> tuple[dict, tuple]:
+    """On the validation scores, or on the out_of_fold stage's scores over train + valid; also returns those
+    scores (labels, scores), which the calibration is fitted on."""
     if settings.threshold.chosen_on == "valid":
-        return choose_threshold(valid_labels, valid_scores, settings.threshold)
+        return choose_threshold(valid_labels, valid_scores, settings.threshold), (valid_labels, valid_scores)
     pooled = set(manifest.loc[manifest["split"].isin(["train", "valid"]), "id"].astype(str))
-    return choose_out_of_fold_threshold(read_scores(OUT_OF_FOLD, pooled), manifest.set_index("id")["near_group"],
-                                        settings.threshold)
+    table = read_scores(OUT_OF_FOLD, pooled)
+    choice = choose_out_of_fold_threshold(table, manifest.set_index("id")["near_group"], settings.threshold)
+    return choice, (table["label"].to_numpy(), table["score"].to_numpy())
+
+
+def _calibration(fitting: tuple, test_labels, test_scores, threshold: float, params) -> tuple:
+    """The calibration map fitted on the threshold's scores, and its report on test (chestct.evaluation.calibration)."""
+    settings = params.evaluate
+    return calibration_report(*fitting, settings.threshold.chosen_on, test_labels, test_scores, threshold,
+                              settings.calibration.method, settings.calibration.bins, settings.confidence_level,
+                              settings.bootstrap_resamples, params.seed)
 
 
 def main() -> None:
@@ -107,15 +118,17 @@ def main() -> None:
         return predict_scores(model, images, batch)
 
     valid_scores = predict(valid.images)
-    choice = _choose_threshold(valid.labels, valid_scores, manifest, settings)  # never on test
+    choice, fitting = _choose_threshold(valid.labels, valid_scores, manifest, settings)  # never on test
     threshold = choice["threshold"]
-    write_json(THRESHOLD, threshold_record(choice, params))
-
     test_scores = predict(test.images)
+    calibration, calibration_metrics = _calibration(fitting, test.labels, test_scores, threshold, params)
+    write_json(THRESHOLD, threshold_record(choice, params, calibration.model_dump(mode="json", exclude_none=True)))
+
     leak_free = leak_free_mask(test, manifest)
     train_gray, test_gray = raw_grayscale(train.ids, RAW_DATA), raw_grayscale(test.ids, RAW_DATA)
     metrics = {
         "threshold": choice,
+        "calibration": calibration_metrics,
         "test": split_metrics(test, test_scores, threshold, settings, seed) | distinct_slices(test, manifest),
         "valid": split_metrics(valid, valid_scores, threshold, settings, seed) | distinct_slices(valid, manifest),
         "test_leak_free": split_metrics(test, test_scores, threshold, settings, seed, members=leak_free),
@@ -142,7 +155,8 @@ def main() -> None:
                   threshold)
     plots.score_histogram_png(PLOTS / "scores.png", test.labels, test_scores, threshold)
     plots.confusion_png(PLOTS / "confusion.png", metrics["test"])
-    plots.calibration_png(PLOTS / "calibration.png", curves)
+    plots.calibration_png(PLOTS / "calibration.png", test.labels, test_scores, calibration, settings.calibration.bins)
+    plots.write_calibrated_reliability(PLOTS, test.labels, test_scores, calibration, settings.calibration.bins)
     _gradcam_grid(model, test, test_scores, threshold, settings, attention_maps, params.preprocess.mask)
     _print_summary(metrics, choice)
 
@@ -187,6 +201,14 @@ def _print_summary(metrics: dict, choice: dict) -> None:
         else:
             print(f"  test AUC on the lungs alone {ablation['lungs_only']['auc']}, with the lungs emptied "
                   f"{ablation['lungs_emptied']['auc']} (a lesion detector keeps the first and loses the second)")
+    cal = metrics["calibration"]
+    print(f"  calibration {cal['method']} (fitted on {cal['fitted_images']} {cal['fitted_on']} scores): test ECE "
+          f"{cal['test_ece']} {cal['test_ece_ci']} (uncalibrated {cal['test_ece_uncalibrated']}), Brier "
+          f"{cal['test_brier']} (uncalibrated {cal['test_brier_uncalibrated']}); the threshold is "
+          f"{cal['threshold_calibrated']} on the calibrated scale")
+    if "not_fitted" in cal:
+        print(f"  warning: calibration {cal['requested_method']} could not be fitted, the export stays uncalibrated: "
+              f"{cal['not_fitted']}")
     check = metrics["lesion_check"]
     print(f"  inserted-lesion check (the same Normal with and without a lesion put in): test AUC {check['test_auc']} "
           f"(n={check['test_n']}), validation {check['valid_auc']} (n={check['valid_n']})")

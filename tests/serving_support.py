@@ -34,6 +34,11 @@ def phantom_images(count: int = 6, seed: int = 0) -> list[tuple[int, np.ndarray]
     return [(index % 2, render_phantom(rng, (160, 160), 2 * (index % 2))) for index in range(count)]
 
 
+# The tiny exports are calibrated by a known map, so every route can be checked to apply it (a random model's
+# scores sit near 0.5: the map spreads them).
+TEST_CALIBRATION = {"method": "platt", "slope": 3.0, "intercept": 0.4, "fitted_on": "valid", "fitted_images": 40}
+
+
 def build_tiny_export(folder: Path, default_params, formats: tuple[str, ...] = FORMATS, lesion_map: bool = False,
                       **serve_overrides) -> Path:
     """The export; `lesion_map` makes it a lesion-map model (two outputs in every format)."""
@@ -51,8 +56,8 @@ def build_tiny_export(folder: Path, default_params, formats: tuple[str, ...] = F
     images = np.stack([preprocess_gray(gray, params.preprocess) for _, gray in phantom_images()])
     threshold = float(np.median(prediction_of(model.predict(images, verbose=0)).ravel()))
     paths = write_artifacts(model, folder, list(formats))
-    write_metadata_files(folder, params, threshold_record({"threshold": threshold, "method": "fixed"}, params),
-                         paths, {}, SIZE, None, None)
+    record = threshold_record({"threshold": threshold, "method": "fixed"}, params, TEST_CALIBRATION)
+    write_metadata_files(folder, params, record, paths, {}, SIZE, None, None)
     return folder
 
 

@@ -87,6 +87,11 @@ def test_predict_one_scan(client, scan):
     (result,) = response.json()["results"]
     assert result["filename"] == "scan.png" and result["diagnosis"] in ("Normal", "Cancer")
     assert result["diagnosis"] == ("Cancer" if result["cancer_probability"] >= result["threshold"] else "Normal")
+    # The calibrated probability against the threshold on its scale gives the same decision.
+    calibrated = result["cancer_probability_calibrated"]
+    assert result["diagnosis"] == ("Cancer" if calibrated >= result["threshold_calibrated"] else "Normal")
+    assert calibrated != pytest.approx(result["cancer_probability"], abs=1e-3)
+    assert result["calibration"].startswith("calibrated (platt")
     assert result["model"]["format"] == "keras" and len(result["model"]["sha256"]) == 64
     assert decode_data_url(result["input_png"]).shape == (64, 64)
     assert result["gradcam_png"] is None  # only when asked

@@ -50,6 +50,8 @@ def test_upload_a_scan_and_see_the_diagnosis_and_the_overlay(page, tmp_path):
     assert page.locator("#result").is_visible()
     assert page.locator("#diagnosis").inner_text() in ("Normal", "Cancer")
     assert "threshold" in page.locator("#probability").inner_text()
+    # The probability shown is the calibrated one, and the page says how it was obtained.
+    assert page.locator("#calibration").inner_text() == "Calibrated (platt, fitted on 40 validation scores)."
     image = page.locator("#result-image")
     model_input = image.get_attribute("src")
     assert model_input.startswith("data:image/png;base64,")

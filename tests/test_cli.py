@@ -233,10 +233,12 @@ def test_predict_csv_scores_a_folder_recursively_one_row_per_file(tiny_export, t
         row = rows[name]
         assert row["file"] == str(paths[name]) and row["error"] == ""
         assert float(row["probability"]) == expected.cancer_probability  # every digit kept
+        assert float(row["probability_calibrated"]) == expected.cancer_probability_calibrated
         assert row["diagnosis"] == expected.diagnosis and float(row["threshold"]) == expected.threshold
         assert (row["model_format"], row["model_sha256"]) == ("keras", expected.model_sha256)
     assert rows["broken.png"]["error"] == "not a recognised image (expected PNG, JPEG or DICOM content)"
-    assert rows["broken.png"]["probability"] == rows["broken.png"]["diagnosis"] == ""
+    assert rows["broken.png"]["probability"] == rows["broken.png"]["probability_calibrated"] == ""
+    assert rows["broken.png"]["diagnosis"] == ""
     assert "symbolic link" in rows["link.png"]["error"]
 
 

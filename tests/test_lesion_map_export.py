@@ -28,7 +28,7 @@ def images(default_params) -> np.ndarray:
 
 def test_every_format_gives_the_probability_and_the_same_lesion_map(tiny_lesion_export, images, default_params):
     metadata = read_metadata(tiny_lesion_export)
-    assert metadata.schema_version == "2.3" and metadata.lesion_map is not None
+    assert metadata.schema_version == "2.4" and metadata.lesion_map is not None
     side = SIZE // metadata.lesion_map.stride
     assert metadata.lesion_map.output.shape == [side, side, 1]
     reference = open_exported("keras", tiny_lesion_export / metadata.artifacts["keras"].file)
@@ -77,14 +77,15 @@ def test_the_service_shows_the_lesion_map_and_the_v2_protocol_declares_and_sends
         assert answer["results"][0]["lesion_map_png"].startswith("data:image/png;base64,")
         assert client.get("/model-info").json()["lesion_map"]["stride"] == SIZE // side
         outputs = client.get("/v2/models/chestct").json()["outputs"]
-        assert [output["name"] for output in outputs] == ["probability", "lesion_map"]
-        assert outputs[1]["shape"] == [-1, side, side, 1]
+        assert [output["name"] for output in outputs] == ["probability", "probability_calibrated", "lesion_map"]
+        assert outputs[2]["shape"] == [-1, side, side, 1]
         request = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(images.shape),
                                "data": images.ravel().tolist()}]}
         both = client.post("/v2/models/chestct/infer", json=request).json()["outputs"]
-        assert [output["name"] for output in both] == ["probability", "lesion_map"]
+        assert [output["name"] for output in both] == ["probability", "probability_calibrated", "lesion_map"]
         np.testing.assert_allclose(both[0]["data"], probabilities, atol=1e-6)
-        np.testing.assert_allclose(np.reshape(both[1]["data"], maps.shape), maps, atol=1e-6)
+        np.testing.assert_allclose(both[1]["data"], predictor.calibration.apply(probabilities), atol=1e-6)
+        np.testing.assert_allclose(np.reshape(both[2]["data"], maps.shape), maps, atol=1e-6)
         only = client.post("/v2/models/chestct/infer",
                            json=request | {"outputs": [{"name": "probability"}]}).json()["outputs"]
         assert [output["name"] for output in only] == ["probability"]

@@ -106,11 +106,32 @@ def test_predictions_follow_the_stored_threshold(predictor, phantoms):
     for p in predictions:
         assert p.threshold == predictor.threshold
         assert p.diagnosis == ("Cancer" if p.cancer_probability >= p.threshold else "Normal")
-        expected_confidence = p.cancer_probability if p.diagnosis == "Cancer" else 1 - p.cancer_probability
-        assert p.confidence == pytest.approx(expected_confidence)
+        # The calibrated probability is the export's map of the score; against the mapped threshold it decides
+        # exactly as the score does against the threshold.
+        calibrated = p.cancer_probability_calibrated
+        assert calibrated == pytest.approx(float(predictor.calibration.apply(p.cancer_probability)))
+        assert p.threshold_calibrated == pytest.approx(float(predictor.calibration.apply(p.threshold)))
+        assert (calibrated >= p.threshold_calibrated) == (p.diagnosis == "Cancer")
+        assert p.confidence == pytest.approx(calibrated if p.diagnosis == "Cancer" else 1 - calibrated)
+        assert p.calibration == "calibrated (platt, fitted on 40 validation scores)"
         assert p.model_input.shape == (64, 64, 1) and p.model_input.dtype == np.uint8
         assert p.heatmap.shape == (64, 64) and p.heatmap.min() >= 0 and p.heatmap.max() <= 1
         assert p.to_dict()["model"] == {"format": "keras", "sha256": predictor.sha256}
+
+
+def test_an_export_older_than_calibration_loads_uncalibrated_and_says_so(tiny_export, tmp_path, phantoms):
+    older = tmp_path / "export"
+    shutil.copytree(tiny_export, older)
+    raw = json.loads((older / "metadata.json").read_text())
+    raw.pop("calibration")
+    (older / "metadata.json").write_text(json.dumps({**raw, "schema_version": "2.3"}))
+    predictor = Predictor(older)
+    assert not predictor.calibration.calibrated
+    prediction = predictor.predict(phantoms[:1])[0]
+    assert prediction.cancer_probability_calibrated == prediction.cancer_probability
+    assert prediction.threshold_calibrated == prediction.threshold
+    assert prediction.to_dict()["calibration"] == "uncalibrated: the model's score, not a probability"
+    assert predictor.info()["calibration"]["method"] == "none"
 
 
 @pytest.mark.parametrize("format_name", FORMATS[1:])
@@ -119,6 +140,8 @@ def test_every_format_gives_the_same_probabilities_and_decisions(predictor, tiny
     other = Predictor(tiny_export, formats=(format_name,)).predict(phantoms)
     np.testing.assert_allclose([p.cancer_probability for p in other], [p.cancer_probability for p in reference],
                                atol=1e-5)
+    np.testing.assert_allclose([p.cancer_probability_calibrated for p in other],
+                               [p.cancer_probability_calibrated for p in reference], atol=1e-4)
     assert [p.diagnosis for p in other] == [p.diagnosis for p in reference]
 
 
@@ -177,7 +200,7 @@ def _with_metadata(tiny_export, tmp_path, change) -> object:
 
 def test_metadata_records_its_schema_versions_and_input_contract(tiny_export):
     metadata = json.loads((tiny_export / "metadata.json").read_text())
-    assert metadata["schema_version"] == "2.3"
+    assert metadata["schema_version"] == "2.4"
     assert set(metadata["versions"]) == {"chestct", "tensorflow", "keras"}
     assert metadata["input"] == {**metadata["input"], "name": "image", "dtype": "uint8", "shape": [64, 64, 1],
                                  "value_range": [0.0, 255.0]}
@@ -187,7 +210,7 @@ def test_metadata_records_its_schema_versions_and_input_contract(tiny_export):
 @pytest.mark.parametrize(("change", "message"), [
     (lambda m: m.update(schema_version="3.0"), r"schema version 3\.0, this chestct reads major version 2"),
     (lambda m: m.pop("schema_version"), r"schema version 1, this chestct reads major version 2"),
-    (lambda m: m.pop("threshold"), r"does not match the export metadata schema 2\.3 \(threshold: Field required"),
+    (lambda m: m.pop("threshold"), r"does not match the export metadata schema 2\.4 \(threshold: Field required"),
 ])
 def test_metadata_of_another_major_version_or_shape_is_refused_saying_what_to_do(tiny_export, tmp_path, change,
                                                                                  message):

@@ -81,9 +81,12 @@ def test_model_metadata_gives_the_tensors_the_version_and_the_threshold(client, 
     assert metadata["name"] == MODEL and metadata["platform"] == "tensorflow_keras"
     assert metadata["versions"] == [model_version(predictor)] == [predictor.sha256[:12]]
     assert metadata["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, size, size, 1]}]
-    assert metadata["outputs"] == [{"name": "probability", "datatype": "FP32", "shape": [-1, 1]}]
+    assert metadata["outputs"] == [{"name": "probability", "datatype": "FP32", "shape": [-1, 1]},
+                                   {"name": "probability_calibrated", "datatype": "FP32", "shape": [-1, 1]}]
     parameters = metadata["parameters"]
     assert parameters["threshold"] == predictor.threshold and parameters["sha256"] == predictor.sha256
+    assert parameters["threshold_calibrated"] == pytest.approx(float(predictor.calibration.apply(predictor.threshold)))
+    assert parameters["calibration"].startswith("calibrated (platt")
     assert parameters["format"] == predictor.format == "keras" and parameters["positive_class"] == "Cancer"
     assert client.get_model_metadata(MODEL, model_version=model_version(predictor)) == metadata
 
@@ -127,9 +130,13 @@ def test_nested_json_data_are_accepted(live_server, predictor, images):
                         "data": images[:1].tolist()}]}
     answer = httpx.post(f"{live_server}/v2/models/{MODEL}/infer", json=body, timeout=60)
     assert answer.status_code == 200
-    (output,) = answer.json()["outputs"]
-    assert output["shape"] == [1, 1] and output["data"][0] == pytest.approx(predictor.probabilities(images[:1])[0],
-                                                                            abs=1e-6)
+    output, calibrated = answer.json()["outputs"]
+    probability = predictor.probabilities(images[:1])[0]
+    assert output["shape"] == [1, 1] and output["data"][0] == pytest.approx(probability, abs=1e-6)
+    # The second output is the same score through the export's calibration map.
+    assert calibrated["name"] == "probability_calibrated" and calibrated["shape"] == [1, 1]
+    assert calibrated["data"][0] == pytest.approx(float(predictor.calibration.apply(probability)), abs=1e-6)
+    assert calibrated["data"][0] != pytest.approx(probability, abs=1e-3)
 
 
 # --- refusals -----------------------------------------------------------------------------------------------
@@ -156,7 +163,8 @@ def test_wrong_input_or_output_name_is_refused(client, images):
     assert refusal(error)[0] == "400" and "one input 'image'" in refusal(error)[1]
     with pytest.raises(InferenceServerException) as error:
         client.infer(MODEL, [image_input(images, True)], outputs=[triton.InferRequestedOutput("logits")])
-    assert refusal(error)[0] == "400" and "outputs are 'probability'; 'logits' was requested" in refusal(error)[1]
+    status, message = refusal(error)
+    assert status == "400" and "outputs are 'probability', 'probability_calibrated'; 'logits' was requested" in message
 
 
 def test_unknown_model_and_version_are_404(client, images):

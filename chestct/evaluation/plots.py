@@ -14,7 +14,9 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from chestct.atomic_io import atomic_path
+from chestct.calibration import CalibrationMap
 from chestct.decision import decide
+from chestct.evaluation.calibration import expected_calibration_error, reliability_curve
 from chestct.labels import CLASS_NAMES
 
 
@@ -101,18 +103,34 @@ def confusion_png(path: Path, metrics: dict) -> None:
     _save(figure, path)
 
 
-def calibration_png(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], bins: int = 10) -> None:
+def calibration_png(path: Path, labels: np.ndarray, scores: np.ndarray, calibration: CalibrationMap,
+                    bins: int = 10) -> None:
+    """The test reliability curve before and after calibration (equal-mass bins), with each ECE."""
     figure = Figure(figsize=(5, 5))
     axis = figure.subplots()
     axis.plot([0, 1], [0, 1], ":", color="gray", label="perfect calibration")
-    for split, (labels, scores) in curves.items():
-        observed, predicted = calibration_curve(labels, scores, n_bins=bins, strategy="uniform")
-        axis.plot(predicted, observed, "o-", label=split)
+    curves = {"model score (uncalibrated)": np.asarray(scores, float)}
+    if calibration.calibrated:
+        curves[f"calibrated ({calibration.method})"] = calibration.apply(scores)
+    for name, probabilities in curves.items():
+        predicted, observed, _ = reliability_curve(labels, probabilities, bins)
+        ece = expected_calibration_error(labels, probabilities, bins)
+        axis.plot(predicted, observed, "o-", label=f"{name}, ECE {ece:.3f}")
     axis.set_xlabel("mean predicted cancer probability")
     axis.set_ylabel("fraction of cancer images")
-    axis.set_title("Calibration")
-    axis.legend()
+    axis.set_title(f"Calibration on test ({bins} equal-mass bins)")
+    axis.legend(fontsize=8)
     _save(figure, path)
+
+
+def write_calibrated_reliability(folder: Path, labels: np.ndarray, scores: np.ndarray, calibration: CalibrationMap,
+                                 bins: int) -> None:
+    """reliability_test_uncalibrated.csv and reliability_test_calibrated.csv for `dvc plots`: the test reliability
+    curve (equal-mass bins) of the model's score and of the calibrated probability."""
+    for name, probabilities in (("uncalibrated", np.asarray(scores, float)), ("calibrated", calibration.apply(scores))):
+        predicted, observed, counts = reliability_curve(labels, probabilities, bins)
+        _save_csv(pd.DataFrame({"mean_predicted": predicted, "fraction_cancer": observed, "images": counts}),
+                  folder / f"reliability_test_{name}.csv")
 
 
 def gradcam_grid_png(path: Path, tiles: list[tuple[np.ndarray, str]], columns: int = 4,

@@ -158,11 +158,13 @@ def choose_threshold(
     }
 
 
-def threshold_record(choice: dict, params: Params) -> dict:
-    """models/threshold.json: the validation choice, the decision rule, and the evaluation settings, which travel
-    with the threshold into the export's metadata (external validation reuses them)."""
+def threshold_record(choice: dict, params: Params, calibration: dict | None = None) -> dict:
+    """models/threshold.json: the validation choice, the decision rule, the calibration map fitted on the same
+    scores (a chestct.calibration.CalibrationMap as JSON; None: uncalibrated), and the evaluation settings, which
+    travel with the threshold into the export's metadata (external validation reuses them)."""
     settings = params.evaluate
     return {**choice, "chosen_on": choice.get("chosen_on", "valid"), "decision": DECISION_RULE,
+            "calibration": calibration or {"method": "none"},
             "settings": {"confidence_level": settings.confidence_level, "seed": params.seed,
                          "bootstrap_resamples": settings.bootstrap_resamples,
                          "gradcam_images": settings.gradcam_images, "histogram_bins": settings.histogram_bins}}

@@ -10,7 +10,8 @@ fields, and readers of another major refuse the file. 2.1 added `left_out_format
 the parity check); a 2.0 file reads as one that left nothing out. 2.2 added `source` (the git revision the export
 ran from and the registry version that commit carries, chestct.export.provenance); older files read with null.
 2.3 added `lesion_map` (the second output of a lesion-map model: its tensor contract and pooling); older files,
-and models without a map, read with null.
+and models without a map, read with null. 2.4 added `calibration` (the score -> probability map fitted beside the
+threshold, chestct.calibration); older files read as uncalibrated.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from chestct.calibration import UNCALIBRATED, CalibrationMap
 from chestct.decision import DECISION_RULE
 from chestct.errors import ChestctError
 from chestct.labels import CLASS_NAMES
 from chestct.params import Params, PreprocessParams, ServeParams
 
-SCHEMA_VERSION = "2.3"
+SCHEMA_VERSION = "2.4"
 METADATA_FILE = "metadata.json"
 # Serving limits that exports written before them lack: such an export gets params.yaml's values at the time.
 SERVE_DEFAULTS = {"max_concurrent": 2, "queue_timeout_s": 10.0, "body_timeout_s": 30.0, "max_connections": 64}
@@ -118,6 +120,7 @@ class ExportMetadata(_Record):
     left_out_formats: dict[str, LeftOutRecord] = {}  # written, failed parity, removed (schema 2.1)
     source: ExportSource = ExportSource()  # where the export came from (schema 2.2; older files: unknown)
     lesion_map: LesionMapRecord | None = None  # the model's second output (schema 2.3; None: no map)
+    calibration: CalibrationMap = UNCALIBRATED  # score -> probability (schema 2.4; older files: uncalibrated)
     metrics: dict  # headline figures of the evaluate stage (see _summary), for the model card and /model-info
 
     @field_validator("serve", mode="before")
@@ -195,6 +198,7 @@ def build_metadata(params: Params, threshold: dict, artifacts: dict[str, dict], 
         left_out_formats={name: LeftOutRecord.model_validate(report) for name, report in (left_out or {}).items()},
         source=ExportSource.model_validate(source or {}),
         lesion_map=_lesion_map_record(params, image_size),
+        calibration=CalibrationMap.model_validate(threshold.get("calibration", {})),
         metrics={name: _summary(eval_metrics.get(name)) for name in ("test", "test_leak_free", "valid")}
         | {"shortcut": eval_metrics.get("shortcut")}
         | ({"out_of_fold": threshold["out_of_fold"]} if "out_of_fold" in threshold else {}),

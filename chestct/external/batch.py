@@ -22,7 +22,8 @@ from chestct.errors import ChestctError
 from chestct.external.records import walk_files
 from chestct.external.validation import error_reason
 
-CSV_COLUMNS = ("file", "probability", "diagnosis", "threshold", "model_format", "model_sha256", "error")
+CSV_COLUMNS = ("file", "probability", "probability_calibrated", "diagnosis", "threshold", "model_format",
+               "model_sha256", "error")
 
 
 class BatchPredictionError(ChestctError, ValueError):
@@ -68,14 +69,15 @@ def check_csv_target(path: Path) -> None:
 
 def _scored_row(predictor, path: Path, image: np.ndarray, probability: float) -> dict:
     prediction = predictor.decide(str(path), image, float(probability))
-    return {"file": str(path), "probability": prediction.cancer_probability, "diagnosis": prediction.diagnosis,
+    return {"file": str(path), "probability": prediction.cancer_probability,
+            "probability_calibrated": prediction.cancer_probability_calibrated, "diagnosis": prediction.diagnosis,
             "threshold": prediction.threshold, "model_format": prediction.model_format,
             "model_sha256": prediction.model_sha256, "error": ""}
 
 
 def _error_row(path: Path, reason: str) -> dict:
-    return {"file": str(path), "probability": "", "diagnosis": "", "threshold": "", "model_format": "",
-            "model_sha256": "", "error": reason}
+    return {"file": str(path), "probability": "", "probability_calibrated": "", "diagnosis": "", "threshold": "",
+            "model_format": "", "model_sha256": "", "error": reason}
 
 
 def score_inputs(predictor, inputs: Inputs, batch_size: int = 32, progress: bool = True) -> list[dict]:

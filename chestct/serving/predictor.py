@@ -42,9 +42,12 @@ class ModelUnavailableError(ChestctError, RuntimeError):
 class Prediction:
     filename: str
     diagnosis: str  # "Cancer" or "Normal"
-    cancer_probability: float
-    confidence: float  # probability of the class that was decided
+    cancer_probability: float  # the model's score: what the threshold is applied to, identical in every format
+    cancer_probability_calibrated: float  # the score through the export's calibration map (the identity without one)
+    confidence: float  # calibrated probability of the class that was decided
     threshold: float
+    threshold_calibrated: float  # the threshold on the calibrated scale: the same decisions
+    calibration: str  # how the calibrated probability was obtained (CalibrationMap.describe)
     model_format: str
     model_sha256: str
     model_input: np.ndarray  # (S, S, 1) uint8: exactly what the model saw
@@ -53,8 +56,11 @@ class Prediction:
 
     def to_dict(self) -> dict:
         return {"filename": self.filename, "diagnosis": self.diagnosis,
-                "cancer_probability": self.cancer_probability, "confidence": self.confidence,
-                "threshold": self.threshold, "model": {"format": self.model_format, "sha256": self.model_sha256}}
+                "cancer_probability": self.cancer_probability,
+                "cancer_probability_calibrated": self.cancer_probability_calibrated, "confidence": self.confidence,
+                "threshold": self.threshold, "threshold_calibrated": self.threshold_calibrated,
+                "calibration": self.calibration,
+                "model": {"format": self.model_format, "sha256": self.model_sha256}}
 
 
 def upsample_maps(maps: np.ndarray, size: int) -> np.ndarray:
@@ -134,6 +140,7 @@ class Predictor:
         self.preprocess_params = self.metadata.preprocess
         self.serve_params = self.metadata.serve
         self.threshold = self.metadata.threshold
+        self.calibration = self.metadata.calibration  # uncalibrated for exports older than schema 2.4
         self.load_report: list[str] = []  # one line per format tried, in order
         requested = formats or (parse_format_order(os.environ[FORMATS_ENV]) if os.environ.get(FORMATS_ENV) else None)
         self._model = self._load_first(formats_to_try(self.metadata, requested))
@@ -235,12 +242,14 @@ class Predictor:
 
     def decide(self, filename: str, image: np.ndarray, probability: float,
                heatmap: np.ndarray | None = None, lesion_map: np.ndarray | None = None) -> Prediction:
-        is_cancer = bool(decide(probability, self.threshold))
+        is_cancer = bool(decide(probability, self.threshold))  # on the score: calibration changes no decision
+        calibrated = float(self.calibration.apply(probability))
         return Prediction(filename=filename, diagnosis=CLASS_NAMES[int(is_cancer)],
-                          cancer_probability=float(probability),
-                          confidence=float(probability if is_cancer else 1.0 - probability),
-                          threshold=self.threshold, model_format=self.format, model_sha256=self.sha256,
-                          model_input=image, heatmap=heatmap, lesion_map=lesion_map)
+                          cancer_probability=float(probability), cancer_probability_calibrated=calibrated,
+                          confidence=calibrated if is_cancer else 1.0 - calibrated,
+                          threshold=self.threshold, threshold_calibrated=float(self.calibration.apply(self.threshold)),
+                          calibration=self.calibration.describe(), model_format=self.format,
+                          model_sha256=self.sha256, model_input=image, heatmap=heatmap, lesion_map=lesion_map)
 
     def predict(self, sources: list[tuple[str, bytes | str | Path]], gradcam: bool = False) -> list[Prediction]:
         """Predict (name, bytes-or-path) pairs. Every input is decoded first, so a bad file fails the call
@@ -264,6 +273,8 @@ class Predictor:
                 "backbone": self.metadata.backbone, "weights": self.metadata.weights,
                 "threshold": self.threshold, "threshold_method": self.metadata.threshold_method,
                 "threshold_chosen_on": self.metadata.threshold_chosen_on,
+                "calibration": self.calibration.model_dump(mode="json", exclude_none=True)
+                | {"description": self.calibration.describe()},
                 "image_size": self.image_size, "gradcam_available": self.gradcam_available,
                 "lesion_map": (None if self.metadata.lesion_map is None
                                else self.metadata.lesion_map.model_dump(mode="json")),

@@ -30,9 +30,12 @@ class ModelRef(BaseModel):
 class PredictionResult(BaseModel):
     filename: str
     diagnosis: Literal["Normal", "Cancer"]
-    cancer_probability: float
+    cancer_probability: float  # the model's score, which the threshold applies to
+    cancer_probability_calibrated: float  # the score as a probability (the export's calibration map)
     confidence: float
     threshold: float
+    threshold_calibrated: float
+    calibration: str  # how the calibrated probability was obtained ("uncalibrated: ..." for older exports)
     model: ModelRef
     input_png: str  # data:image/png;base64 URL of what the model saw
     gradcam_png: str | None  # the Grad-CAM overlay, when asked for and the format allows it

@@ -10,12 +10,14 @@
 
 The input is what `Predictor.prepare` (the pipeline's preprocess_image) returns, batched: `image`, UINT8,
 [N, S, S, 1]; the output `probability`, FP32, [N, 1], from the very `Predictor.probabilities` /predict uses, and the
-model's threshold is in the metadata's parameters. A lesion-map model (model.lesion_map) has a second output,
-`lesion_map`, FP32, [N, h, w, 1] (the lesion probability per cell, metadata.json's `lesion_map`); a request
-without `outputs` gets every output, as the protocol says. Tensor data come as JSON (`data`, flat row-major or nested to
-the shape) or through the binary tensor extension (an `Inference-Header-Content-Length` header, the JSON header,
-then the raw bytes), which tritonclient uses by default; outputs are sent in binary when asked
-(`binary_data_output`, or an output's `binary_data`). Errors are the protocol's `{"error": "..."}`.
+model's threshold is in the metadata's parameters. `probability_calibrated`, FP32, [N, 1], is that score through
+the export's calibration map (metadata.json's `calibration`; the score itself for an uncalibrated export), with
+the threshold on that scale in the parameters (`threshold_calibrated`). A lesion-map model (model.lesion_map) has
+another output, `lesion_map`, FP32, [N, h, w, 1] (the lesion probability per cell, metadata.json's `lesion_map`);
+a request without `outputs` gets every output, as the protocol says. Tensor data come as JSON (`data`, flat
+row-major or nested to the shape) or through the binary tensor extension (an `Inference-Header-Content-Length`
+header, the JSON header, then the raw bytes), which tritonclient uses by default; outputs are sent in binary when
+asked (`binary_data_output`, or an output's `binary_data`). Errors are the protocol's `{"error": "..."}`.
 
 The limits are /predict's: at most serve.max_files images per request, the body read within serve.body_timeout_s,
 and the model run inside one of the serve.max_concurrent prediction slots.
@@ -48,6 +50,7 @@ log = logging.getLogger("chestct.serving.v2")
 MODEL_NAME = "chestct"
 INPUT_NAME, INPUT_DATATYPE = "image", "UINT8"
 OUTPUT_NAME, OUTPUT_DATATYPE = "probability", "FP32"
+CALIBRATED_OUTPUT = "probability_calibrated"
 LESION_MAP_OUTPUT = "lesion_map"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_EXTENSION = "binary_tensor_data"  # the extension's name in Triton's server metadata
@@ -204,8 +207,10 @@ def platform_of(format_name: str) -> str:
 
 
 def output_tensors(predictor: Predictor) -> list[dict]:
-    """The model's outputs as the protocol's metadata lists them: the probability, and a lesion map if any."""
-    outputs = [{"name": OUTPUT_NAME, "datatype": OUTPUT_DATATYPE, "shape": [-1, 1]}]
+    """The model's outputs as the protocol's metadata lists them: the probability (the score the threshold applies
+    to), the calibrated probability, and a lesion map if any."""
+    outputs = [{"name": OUTPUT_NAME, "datatype": OUTPUT_DATATYPE, "shape": [-1, 1]},
+               {"name": CALIBRATED_OUTPUT, "datatype": OUTPUT_DATATYPE, "shape": [-1, 1]}]
     if predictor.has_lesion_map:
         outputs.append({"name": LESION_MAP_OUTPUT, "datatype": OUTPUT_DATATYPE,
                         "shape": [-1, *predictor.metadata.lesion_map.output.shape]})
@@ -218,6 +223,8 @@ def model_metadata(predictor: Predictor) -> dict:
             "inputs": [{"name": INPUT_NAME, "datatype": INPUT_DATATYPE, "shape": [-1, size, size, 1]}],
             "outputs": output_tensors(predictor),
             "parameters": {"threshold": predictor.threshold, "decision": DECISION_RULE,
+                           "threshold_calibrated": float(predictor.calibration.apply(predictor.threshold)),
+                           "calibration": predictor.calibration.describe(),
                            "positive_class": predictor.metadata.positive_class, "format": predictor.format,
                            "sha256": predictor.sha256, "max_batch_size": predictor.serve_params.max_files}}
 
@@ -410,7 +417,8 @@ def run_inference(predictor: Predictor, body: bytes, header_length: str | None) 
     images = images_of(request, binary, predictor.image_size, predictor.serve_params.max_files)
     probabilities, maps = predictor.probabilities_and_maps(images, at_input_size=False)
     probabilities = np.asarray(probabilities).ravel()
-    values = {OUTPUT_NAME: probabilities.reshape(-1, 1)}
+    values = {OUTPUT_NAME: probabilities.reshape(-1, 1),
+              CALIBRATED_OUTPUT: predictor.calibration.apply(probabilities).reshape(-1, 1)}
     if maps is not None:
         values[LESION_MAP_OUTPUT] = np.asarray(maps)[..., np.newaxis]
     return infer_response(request, values, wanted, version_of(predictor)), probabilities

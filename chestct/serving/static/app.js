@@ -8,7 +8,7 @@ const els = {
   input: $("file-input"), zone: $("drop-zone"),
   preview: $("preview"), previewImg: $("preview-image"), previewNote: $("preview-note"), previewCaption: $("preview-caption"),
   announce: $("announce"), placeholder: $("placeholder"), busy: $("busy"), busyText: $("busy-text"), error: $("error"),
-  result: $("result"), diagnosis: $("diagnosis"), probability: $("probability"), bar: $("probability-bar"),
+  result: $("result"), diagnosis: $("diagnosis"), probability: $("probability"), calibration: $("calibration"), bar: $("probability-bar"),
   fill: $("probability-fill"), marker: $("threshold-marker"), confidence: $("confidence"),
   format: $("model-format"), sha: $("model-sha"), image: $("result-image"), caption: $("result-caption"),
   toggle: $("gradcam-toggle"), gradcamNote: $("gradcam-note"), lesionToggle: $("lesion-toggle"),
@@ -174,8 +174,9 @@ function showError(message, heading = "The image could not be analysed.") {
 
 function showResult(r) {
   current = r;
-  const p = Number(r.cancer_probability);
-  const t = Number(r.threshold ?? (modelInfo && modelInfo.threshold));
+  // The calibrated probability and the threshold on its scale: the same decision as the score against the threshold.
+  const p = Number(r.cancer_probability_calibrated ?? r.cancer_probability);
+  const t = Number(r.threshold_calibrated ?? r.threshold ?? (modelInfo && modelInfo.threshold));
   els.result.dataset.diagnosis = r.diagnosis;
   els.diagnosis.dataset.diagnosis = r.diagnosis;
   els.diagnosis.textContent = r.diagnosis;
@@ -185,6 +186,7 @@ function showResult(r) {
   els.marker.style.left = pct(t);
   els.marker.hidden = !Number.isFinite(t);
   els.probability.textContent = `Cancer probability ${fmt(p)} — threshold ${fmt(t)}`;
+  els.calibration.textContent = r.calibration ? `${r.calibration[0].toUpperCase()}${r.calibration.slice(1)}.` : "";
   els.bar.setAttribute("aria-valuenow", String(p));
   els.bar.setAttribute("aria-valuetext", `${fmt(p)}, threshold ${fmt(t)}`);
 
