@@ -120,6 +120,11 @@ def _export_dir(args: argparse.Namespace) -> Path | None:
     return folder
 
 
+def _refusal(args: argparse.Namespace) -> bool | None:
+    """--refuse-out-of-domain, or None: the export's serve.refuse_out_of_domain decides."""
+    return True if args.refuse_out_of_domain else None
+
+
 def _predict(args: argparse.Namespace) -> None:
     if args.series:
         _predict_series(args)
@@ -135,7 +140,7 @@ def _predict(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="chestct predict: %(message)s")
     inputs = list_inputs(args.images)
-    predictor = Predictor(_export_dir(args), _format_order(args))
+    predictor = Predictor(_export_dir(args), _format_order(args), _refusal(args))
     gradcam = args.gradcam_dir is not None and predictor.gradcam_available
     if args.gradcam_dir is not None:
         if not gradcam:
@@ -171,6 +176,8 @@ def _predict(args: argparse.Namespace) -> None:
                   f"threshold {prediction.threshold_calibrated:.3f}  confidence {prediction.confidence:.3f}  "
                   f"(score {prediction.cancer_probability:.3f}, threshold {prediction.threshold:.3f}; "
                   f"{prediction.calibration})  [{prediction.model_format} {prediction.model_sha256[:12]}]")
+            if not prediction.in_domain:
+                print(f"{image_path}: warning: {prediction.domain_reason}", file=sys.stderr)
     if failures:
         raise SystemExit(1)
 
@@ -245,7 +252,7 @@ def _predict_to_csv(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise ChestctError(f"--batch-size must be at least 1, got {args.batch_size}")
     inputs = list_inputs(args.images)
-    predictor = Predictor(_export_dir(args), _format_order(args))
+    predictor = Predictor(_export_dir(args), _format_order(args), _refusal(args))
     rows = score_inputs(predictor, inputs, args.batch_size)
     write_predictions_csv(args.csv, rows)
     errors = sum(1 for row in rows if row["error"])
@@ -298,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE|DIR",
                          help="image files, and folders to score every regular file under (recursively)")
     predict.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
+    predict.add_argument("--refuse-out-of-domain", action="store_true",
+                         help="an image that is not an axial chest CT slice is an error (its reason printed), not a "
+                              "result with in_domain false")
     predict.add_argument("--gradcam-dir", type=Path, default=None, help="also save Grad-CAM overlays here")
     predict.add_argument("--lesion-map-dir", type=Path, default=None,
                          help="also save the model's lesion map over each input here (lesion-map models)")

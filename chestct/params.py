@@ -449,6 +449,7 @@ class ServeParams(Section):
     queue_timeout_s: Annotated[float, Field(ge=0.0)]
     body_timeout_s: Annotated[float, Field(gt=0.0)]
     max_connections: PositiveInt
+    refuse_out_of_domain: bool = False  # true: an image the domain check refuses gets 422, not a flagged answer
 
 
 # --- external: the cross-source panel ---------------------------------------------------------------------

@@ -18,6 +18,8 @@ import numpy as np
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from chestct.calibration import UNCALIBRATED
+
 SIDE = 128
 LESION_CENTER = (44, 60)  # (x, y): inside the left-hand lung field
 LESION_RADIUS = 9
@@ -138,6 +140,8 @@ class RulePredictor:
     gradcam_available = False
     has_lesion_map = False
     threshold = 0.5
+    calibration = UNCALIBRATED
+    refuse_out_of_domain = False
 
     def __init__(self, rule: str, params):
         from chestct.serving.predictor import DEFAULT_EXPORT_DIR
@@ -164,6 +168,12 @@ class RulePredictor:
         from chestct.serving.predictor import Predictor
 
         return Predictor.decide(self, *args, **kwargs)
+
+    def inspect(self, source, name=None):
+        """The real Predictor's decoding and domain check (batch scoring reads its files with it)."""
+        from chestct.serving.predictor import Predictor
+
+        return Predictor.inspect(self, source, name)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         images = images[..., 0].astype(np.float64)

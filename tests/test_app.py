@@ -92,6 +92,7 @@ def test_predict_one_scan(client, scan):
     assert result["diagnosis"] == ("Cancer" if calibrated >= result["threshold_calibrated"] else "Normal")
     assert calibrated != pytest.approx(result["cancer_probability"], abs=1e-3)
     assert result["calibration"].startswith("calibrated (platt")
+    assert result["in_domain"] is True and result["domain_reason"] is None
     assert result["model"]["format"] == "keras" and len(result["model"]["sha256"]) == 64
     assert decode_data_url(result["input_png"]).shape == (64, 64)
     assert result["gradcam_png"] is None  # only when asked
@@ -345,3 +346,20 @@ def test_chestct_serve_passes_the_connection_limits_to_uvicorn(tiny_export, tmp_
     main(["serve", "--export-dir", str(tight), "--port", "8123"])
     (options,) = calls
     assert options["limit_concurrency"] == 9 and options["timeout_keep_alive"] == 5 and options["port"] == 8123
+
+
+def test_an_image_that_is_not_a_chest_ct_is_answered_with_a_warning_or_refused(client, tiny_export, scan, tmp_path):
+    from tests.test_domain import _document
+
+    page = png_bytes(_document(np.random.default_rng(0)))
+    response = post(client, [("page.png", page, "image/png")])
+    assert response.status_code == 200
+    (result,) = response.json()["results"]
+    assert result["in_domain"] is False and "no lung fields found" in result["domain_reason"]
+    assert result["diagnosis"] in ("Normal", "Cancer")  # the decision is still given, under the warning
+    refusing = export_copy(tiny_export, tmp_path / "refusing", serve_changes={"refuse_out_of_domain": True})
+    with TestClient(create_app(refusing)) as strict:
+        refused = post(strict, [("page.png", page, "image/png")])
+        assert refused.status_code == 422
+        assert refused.json()["detail"].startswith("page.png: not scored, no lung fields found")
+        assert post(strict, [("scan.png", scan, "image/png")]).status_code == 200

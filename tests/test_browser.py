@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.serving_support import phantom_images, png_bytes
@@ -52,6 +53,7 @@ def test_upload_a_scan_and_see_the_diagnosis_and_the_overlay(page, tmp_path):
     assert "threshold" in page.locator("#probability").inner_text()
     # The probability shown is the calibrated one, and the page says how it was obtained.
     assert page.locator("#calibration").inner_text() == "Calibrated (platt, fitted on 40 validation scores)."
+    assert page.locator("#domain-warning").is_hidden()  # a chest slice: no warning
     image = page.locator("#result-image")
     model_input = image.get_attribute("src")
     assert model_input.startswith("data:image/png;base64,")
@@ -80,6 +82,18 @@ def test_a_text_file_shows_the_servers_error(page, tmp_path):
     assert error.is_visible()
     assert "notes.txt: not a recognised image" in error.inner_text()
     assert not page.locator("#result").is_visible()
+
+
+def test_a_page_of_text_gets_its_answer_under_a_warning(page, tmp_path):
+    from tests.test_domain import _document
+
+    scanned = tmp_path / "letter.png"
+    scanned.write_bytes(png_bytes(_document(np.random.default_rng(0))))
+    page.locator("#file-input").set_input_files(str(scanned))
+    page.wait_for_selector("body[data-state=done]", timeout=60_000)
+    warning = page.locator("#domain-warning")
+    assert warning.is_visible() and "Not what this model was made for: no lung fields found" in warning.inner_text()
+    assert page.locator("#diagnosis").inner_text() in ("Normal", "Cancer")
 
 
 def test_the_drop_zone_is_reachable_by_keyboard(page):

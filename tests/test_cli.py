@@ -234,6 +234,7 @@ def test_predict_csv_scores_a_folder_recursively_one_row_per_file(tiny_export, t
         assert row["file"] == str(paths[name]) and row["error"] == ""
         assert float(row["probability"]) == expected.cancer_probability  # every digit kept
         assert float(row["probability_calibrated"]) == expected.cancer_probability_calibrated
+        assert row["in_domain"] == "True" and row["domain_reason"] == ""
         assert row["diagnosis"] == expected.diagnosis and float(row["threshold"]) == expected.threshold
         assert (row["model_format"], row["model_sha256"]) == ("keras", expected.model_sha256)
     assert rows["broken.png"]["error"] == "not a recognised image (expected PNG, JPEG or DICOM content)"
@@ -281,3 +282,18 @@ def test_predict_without_csv_prints_a_line_for_every_file_of_a_folder(tiny_expor
     printed = [line.split(": ")[0] for line in captured.out.strip().splitlines()]
     assert printed == [str(paths[name]) for name in ("a.png", "b.png", "c.png")]  # sorted within each folder
     assert f"{paths['broken.png']}: error:" in captured.err and f"{paths['link.png']}: skipped:" in captured.err
+
+
+def test_predict_flags_or_refuses_an_image_that_is_not_a_chest_ct(tiny_export, tmp_path, capsys):
+    from tests.serving_support import png_bytes
+    from tests.test_domain import _document
+
+    page = tmp_path / "page.png"
+    page.write_bytes(png_bytes(_document(np.random.default_rng(0))))
+    main(["predict", str(page), "--export-dir", str(tiny_export)])
+    captured = capsys.readouterr()
+    assert "p(cancer)" in captured.out and "page.png: warning: no lung fields found" in captured.err
+    with pytest.raises(SystemExit):
+        main(["predict", str(page), "--export-dir", str(tiny_export), "--refuse-out-of-domain"])
+    captured = capsys.readouterr()
+    assert captured.out == "" and "error: " in captured.err and "not scored, no lung fields found" in captured.err

@@ -170,6 +170,8 @@ Built from {_source_line(metadata)}.
 ## Operating point
 Threshold {_fmt(metadata.threshold, 4)} ({metadata.threshold_method}), chosen on {_chosen_on(metadata)} only:
 {metadata.decision}.
+The probability shown is {metadata.calibration.describe()}; on its scale the threshold is
+{_fmt(float(metadata.calibration.apply(metadata.threshold)), 4)}, with the same decisions.
 
 | split | images | AUC [{level} CI] | sensitivity [{level} CI] | specificity [{level} CI] |
 |---|---|---|---|---|

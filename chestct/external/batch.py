@@ -22,8 +22,8 @@ from chestct.errors import ChestctError
 from chestct.external.records import walk_files
 from chestct.external.validation import error_reason
 
-CSV_COLUMNS = ("file", "probability", "probability_calibrated", "diagnosis", "threshold", "model_format",
-               "model_sha256", "error")
+CSV_COLUMNS = ("file", "probability", "probability_calibrated", "diagnosis", "threshold", "in_domain",
+               "domain_reason", "model_format", "model_sha256", "error")
 
 
 class BatchPredictionError(ChestctError, ValueError):
@@ -67,17 +67,18 @@ def check_csv_target(path: Path) -> None:
                                    f"place")
 
 
-def _scored_row(predictor, path: Path, image: np.ndarray, probability: float) -> dict:
-    prediction = predictor.decide(str(path), image, float(probability))
+def _scored_row(predictor, path: Path, image: np.ndarray, probability: float, check) -> dict:
+    prediction = predictor.decide(str(path), image, float(probability), domain=check)
     return {"file": str(path), "probability": prediction.cancer_probability,
             "probability_calibrated": prediction.cancer_probability_calibrated, "diagnosis": prediction.diagnosis,
-            "threshold": prediction.threshold, "model_format": prediction.model_format,
+            "threshold": prediction.threshold, "in_domain": prediction.in_domain,
+            "domain_reason": prediction.domain_reason or "", "model_format": prediction.model_format,
             "model_sha256": prediction.model_sha256, "error": ""}
 
 
 def _error_row(path: Path, reason: str) -> dict:
     return {"file": str(path), "probability": "", "probability_calibrated": "", "diagnosis": "", "threshold": "",
-            "model_format": "", "model_sha256": "", "error": reason}
+            "in_domain": "", "domain_reason": "", "model_format": "", "model_sha256": "", "error": reason}
 
 
 def score_inputs(predictor, inputs: Inputs, batch_size: int = 32, progress: bool = True) -> list[dict]:
@@ -86,18 +87,18 @@ def score_inputs(predictor, inputs: Inputs, batch_size: int = 32, progress: bool
     if batch_size < 1:
         raise BatchPredictionError(f"--batch-size must be at least 1, got {batch_size}")
     rows: list[dict | None] = [None] * len(inputs.files)
-    pending: list[tuple[int, np.ndarray]] = []
+    pending: list[tuple[int, tuple]] = []  # (row, (image, domain check))
 
     def flush() -> None:
         if pending:
-            probabilities = predictor.probabilities(np.stack([image for _, image in pending]))
-            for (index, image), probability in zip(pending, probabilities, strict=True):
-                rows[index] = _scored_row(predictor, inputs.files[index], image, probability)
+            probabilities = predictor.probabilities(np.stack([image for _, (image, _) in pending]))
+            for (index, (image, check)), probability in zip(pending, probabilities, strict=True):
+                rows[index] = _scored_row(predictor, inputs.files[index], image, probability, check)
             pending.clear()
 
     for index, path in enumerate(tqdm(inputs.files, desc="scoring", unit="img", disable=not progress)):
         try:
-            pending.append((index, predictor.prepare(path, str(path))))
+            pending.append((index, predictor.inspect(path, str(path))))
         except Exception as exc:  # noqa: BLE001  (one bad file never stops the run: its row says why)
             rows[index] = _error_row(path, error_reason(exc, str(path)))  # the file column shows the name
             continue

@@ -152,6 +152,15 @@ def to_grayscale(image: Image.Image, name: str) -> np.ndarray:
                                     "save it as an 8-bit grayscale or RGB PNG") from None
 
 
+def colour_of(image: Image.Image) -> float:
+    """The mean spread between the colour channels of a decoded image (0 for grey modes): the domain check's
+    colour figure (chestct.imaging.domain)."""
+    if image.mode not in ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+        return 0.0
+    rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
+    return float(np.mean(rgb.max(axis=2) - rgb.min(axis=2)))
+
+
 def decode_grayscale(source: str | Path | bytes, name: str | None = None,
                      max_pixels: int = DEFAULT_MAX_PIXELS,
                      dicom_window: DicomWindowParams | None = None,
@@ -163,6 +172,14 @@ def decode_grayscale(source: str | Path | bytes, name: str | None = None,
     DICOM pixels are converted to Hounsfield units and mapped through `dicom_window` (params `serve.dicom_window`,
     or the export's metadata); without a window, DICOM content is refused rather than shown through a guessed one.
     """
+    return decode_with_colour(source, name, max_pixels, dicom_window, max_bytes, measure_colour=False)[0]
+
+
+def decode_with_colour(source: str | Path | bytes, name: str | None = None,
+                       max_pixels: int = DEFAULT_MAX_PIXELS,
+                       dicom_window: DicomWindowParams | None = None,
+                       max_bytes: int = DEFAULT_MAX_BYTES, measure_colour: bool = True) -> tuple[np.ndarray, float]:
+    """decode_grayscale's array, and the stored image's colour spread (colour_of; 0 for DICOM and grey images)."""
     if isinstance(source, bytes):
         data, label = source, name or "<upload>"
     else:
@@ -172,5 +189,7 @@ def decode_grayscale(source: str | Path | bytes, name: str | None = None,
         if dicom_window is None:
             raise UnsupportedImageError(f"{label}: DICOM input here needs a Hounsfield window (serve.dicom_window); "
                                         f"the training data must be PNG or JPEG")
-        return dicom_to_grayscale(data, label, dicom_window.center, dicom_window.width, max_pixels)
-    return to_grayscale(open_image(data, label, max_pixels), label)
+        return dicom_to_grayscale(data, label, dicom_window.center, dicom_window.width, max_pixels), 0.0
+    image = open_image(data, label, max_pixels)
+    colour = colour_of(image) if measure_colour else 0.0
+    return to_grayscale(image, label), colour

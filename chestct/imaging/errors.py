@@ -30,3 +30,8 @@ class ImageTooLargeError(ImageDecodeError):
 class UnreadableFileError(ImageDecodeError):
     """A path that cannot be read as an image file: missing, a folder, not a regular file (FIFO, device, socket),
     a symlink loop, a name too long, or no permission. Only files on disk raise it, never uploaded bytes."""
+
+
+class OutOfDomainError(ImageDecodeError):
+    """The image is not an axial chest CT slice (chestct.imaging.domain), and the caller asked to refuse such
+    images (serve.refuse_out_of_domain, chestct predict --refuse-out-of-domain) rather than answer with a warning."""

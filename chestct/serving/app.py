@@ -46,6 +46,7 @@ from chestct.imaging.errors import (
     EmptyImageError,
     ImageDecodeError,
     ImageTooLargeError,
+    OutOfDomainError,
     UnsupportedImageError,
 )
 from chestct.imaging.files import upload_limit_bytes
@@ -74,7 +75,8 @@ SERIES_BATCH = 16  # slices of a zipped series scored per model call (bounds the
 NOT_DICOM_SHOWN = 3  # files named in the answer to a zip without any DICOM slice
 
 # Which 4xx each kind of unreadable image gets.
-DECODE_STATUS = {EmptyImageError: 400, UnsupportedImageError: 415, CorruptImageError: 422, ImageTooLargeError: 413}
+DECODE_STATUS = {EmptyImageError: 400, UnsupportedImageError: 415, CorruptImageError: 422, ImageTooLargeError: 413,
+                 OutOfDomainError: 422}
 
 
 def _decode_status(error: ImageDecodeError) -> int:

@@ -22,7 +22,9 @@ from chestct.decision import decide
 from chestct.errors import ChestctError
 from chestct.export.formats import FORMAT_ORDER, FORMATS, ExportedModelError, LoadedExport, open_exported
 from chestct.export.metadata import METADATA_FILE, ExportMetadata, MetadataError, read_metadata
-from chestct.imaging.decode import decode_grayscale
+from chestct.imaging.decode import decode_grayscale, decode_with_colour
+from chestct.imaging.domain import ChestCheck, check_chest_ct
+from chestct.imaging.errors import OutOfDomainError
 from chestct.imaging.files import upload_limit_bytes
 from chestct.imaging.preprocess import preprocess_gray, preprocess_image
 from chestct.labels import CLASS_NAMES
@@ -53,13 +55,15 @@ class Prediction:
     model_input: np.ndarray  # (S, S, 1) uint8: exactly what the model saw
     heatmap: np.ndarray | None = None  # (S, S) float32 in [0, 1] when Grad-CAM was asked for and available
     lesion_map: np.ndarray | None = None  # (S, S) float32 in [0, 1]: the model's own lesion map, when it has one
+    in_domain: bool = True  # False: the domain check says this is not what the model was made for
+    domain_reason: str | None = None  # why not (chestct.imaging.domain), None when in domain
 
     def to_dict(self) -> dict:
         return {"filename": self.filename, "diagnosis": self.diagnosis,
                 "cancer_probability": self.cancer_probability,
                 "cancer_probability_calibrated": self.cancer_probability_calibrated, "confidence": self.confidence,
                 "threshold": self.threshold, "threshold_calibrated": self.threshold_calibrated,
-                "calibration": self.calibration,
+                "calibration": self.calibration, "in_domain": self.in_domain, "domain_reason": self.domain_reason,
                 "model": {"format": self.model_format, "sha256": self.model_sha256}}
 
 
@@ -134,11 +138,15 @@ def load_export_metadata(export_dir: Path) -> ExportMetadata:
 class Predictor:
     """Loads one exported model once; `predict` is safe to call from several threads (calls are serialised)."""
 
-    def __init__(self, export_dir: str | Path | None = None, formats: tuple[str, ...] | None = None):
+    def __init__(self, export_dir: str | Path | None = None, formats: tuple[str, ...] | None = None,
+                 refuse_out_of_domain: bool | None = None):
         self.export_dir = resolve_export_dir(export_dir)
         self.metadata = load_export_metadata(self.export_dir)
         self.preprocess_params = self.metadata.preprocess
         self.serve_params = self.metadata.serve
+        # An image the domain check refuses: answered with in_domain false, or refused (OutOfDomainError).
+        self.refuse_out_of_domain = (self.serve_params.refuse_out_of_domain if refuse_out_of_domain is None
+                                     else refuse_out_of_domain)
         self.threshold = self.metadata.threshold
         self.calibration = self.metadata.calibration  # uncalibrated for exports older than schema 2.4
         self.load_report: list[str] = []  # one line per format tried, in order
@@ -207,6 +215,17 @@ class Predictor:
                                 dicom_window=self.serve_params.dicom_window,
                                 max_bytes=upload_limit_bytes(self.serve_params.max_upload_mb))
 
+    def inspect(self, source: bytes | str | Path, name: str | None = None) -> tuple[np.ndarray, ChestCheck]:
+        """`prepare`'s input for the model, and the domain check of the decoded image (decoded once for both);
+        OutOfDomainError when the check fails and this predictor refuses such images."""
+        gray, colour = decode_with_colour(source, name=name, max_pixels=self.serve_params.max_pixels,
+                                          dicom_window=self.serve_params.dicom_window,
+                                          max_bytes=upload_limit_bytes(self.serve_params.max_upload_mb))
+        check = check_chest_ct(gray, colour)
+        if self.refuse_out_of_domain and not check.passed:
+            raise OutOfDomainError(f"{name or source}: not scored, {check.reason}")
+        return self.prepare_decoded(gray), check
+
     def prepare_decoded(self, gray: np.ndarray) -> np.ndarray:
         """`prepare` from a decoded grayscale: prepare(x) == prepare_decoded(decode(x)), the same preprocessing."""
         return preprocess_gray(gray, self.preprocess_params)
@@ -241,7 +260,8 @@ class Predictor:
             return gradcam(self._model.keras_model, images)
 
     def decide(self, filename: str, image: np.ndarray, probability: float,
-               heatmap: np.ndarray | None = None, lesion_map: np.ndarray | None = None) -> Prediction:
+               heatmap: np.ndarray | None = None, lesion_map: np.ndarray | None = None,
+               domain: ChestCheck | None = None) -> Prediction:
         is_cancer = bool(decide(probability, self.threshold))  # on the score: calibration changes no decision
         calibrated = float(self.calibration.apply(probability))
         return Prediction(filename=filename, diagnosis=CLASS_NAMES[int(is_cancer)],
@@ -249,20 +269,23 @@ class Predictor:
                           confidence=calibrated if is_cancer else 1.0 - calibrated,
                           threshold=self.threshold, threshold_calibrated=float(self.calibration.apply(self.threshold)),
                           calibration=self.calibration.describe(), model_format=self.format,
-                          model_sha256=self.sha256, model_input=image, heatmap=heatmap, lesion_map=lesion_map)
+                          model_sha256=self.sha256, model_input=image, heatmap=heatmap, lesion_map=lesion_map,
+                          in_domain=domain is None or domain.passed,
+                          domain_reason=None if domain is None else domain.reason)
 
     def predict(self, sources: list[tuple[str, bytes | str | Path]], gradcam: bool = False) -> list[Prediction]:
-        """Predict (name, bytes-or-path) pairs. Every input is decoded first, so a bad file fails the call
-        with an ImageDecodeError naming it before any model work is done."""
-        images = np.stack([self.prepare(source, name) for name, source in sources]) if sources else None
-        if images is None:
+        """Predict (name, bytes-or-path) pairs. Every input is decoded (and checked) first, so a bad file fails
+        the call with an ImageDecodeError naming it before any model work is done."""
+        if not sources:
             return []
+        inspected = [self.inspect(source, name) for name, source in sources]
+        images = np.stack([image for image, _ in inspected])
         probabilities, lesion_maps = self.probabilities_and_maps(images)
         maps = self.heatmaps(images) if gradcam and self.gradcam_available else [None] * len(images)
         lesion_maps = [None] * len(images) if lesion_maps is None else lesion_maps
-        return [self.decide(name, image, probability, heatmap, lesion_map)
-                for (name, _), image, probability, heatmap, lesion_map
-                in zip(sources, images, probabilities, maps, lesion_maps, strict=True)]
+        return [self.decide(name, image, probability, heatmap, lesion_map, check)
+                for (name, _), (image, check), probability, heatmap, lesion_map
+                in zip(sources, inspected, probabilities, maps, lesion_maps, strict=True)]
 
     def predict_file(self, path: str | Path, gradcam: bool = False) -> Prediction:
         return self.predict([(str(path), path)], gradcam=gradcam)[0]

@@ -36,6 +36,8 @@ class PredictionResult(BaseModel):
     threshold: float
     threshold_calibrated: float
     calibration: str  # how the calibrated probability was obtained ("uncalibrated: ..." for older exports)
+    in_domain: bool  # false: not what the model was made for (the decision is still given)
+    domain_reason: str | None  # why not, e.g. "no lung fields found inside the body: ..."
     model: ModelRef
     input_png: str  # data:image/png;base64 URL of what the model saw
     gradcam_png: str | None  # the Grad-CAM overlay, when asked for and the format allows it

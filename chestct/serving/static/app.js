@@ -8,7 +8,7 @@ const els = {
   input: $("file-input"), zone: $("drop-zone"),
   preview: $("preview"), previewImg: $("preview-image"), previewNote: $("preview-note"), previewCaption: $("preview-caption"),
   announce: $("announce"), placeholder: $("placeholder"), busy: $("busy"), busyText: $("busy-text"), error: $("error"),
-  result: $("result"), diagnosis: $("diagnosis"), probability: $("probability"), calibration: $("calibration"), bar: $("probability-bar"),
+  result: $("result"), diagnosis: $("diagnosis"), probability: $("probability"), calibration: $("calibration"), domainWarning: $("domain-warning"), bar: $("probability-bar"),
   fill: $("probability-fill"), marker: $("threshold-marker"), confidence: $("confidence"),
   format: $("model-format"), sha: $("model-sha"), image: $("result-image"), caption: $("result-caption"),
   toggle: $("gradcam-toggle"), gradcamNote: $("gradcam-note"), lesionToggle: $("lesion-toggle"),
@@ -177,6 +177,11 @@ function showResult(r) {
   // The calibrated probability and the threshold on its scale: the same decision as the score against the threshold.
   const p = Number(r.cancer_probability_calibrated ?? r.cancer_probability);
   const t = Number(r.threshold_calibrated ?? r.threshold ?? (modelInfo && modelInfo.threshold));
+  // The decision is still shown, under a warning that the image is not what the model was made for.
+  const outside = r.in_domain === false;
+  els.domainWarning.hidden = !outside;
+  els.domainWarning.textContent = outside
+    ? `Not what this model was made for: ${r.domain_reason}. Read the output below with that in mind.` : "";
   els.result.dataset.diagnosis = r.diagnosis;
   els.diagnosis.dataset.diagnosis = r.diagnosis;
   els.diagnosis.textContent = r.diagnosis;
