@@ -53,6 +53,13 @@ FIGURES = [
     ("lungs' share of the input (uniform map)", "eval", "attention.lung_area_share"),
     ("test AUC, lungs alone", "eval", "attention.ablation.lungs_only.auc"),
     ("test AUC, lungs emptied", "eval", "attention.ablation.lungs_emptied.auc"),
+    ("test ECE, calibrated (evaluate.calibration.method)", "eval", "calibration.test_ece"),
+    ("test ECE, uncalibrated", "eval", "calibration.test_ece_uncalibrated"),
+    ("test Brier, calibrated", "eval", "calibration.test_brier"),
+    ("test Brier, uncalibrated", "eval", "calibration.test_brier_uncalibrated"),
+    ("test ECE, temperature", "eval", "calibration.methods.temperature.ece"),
+    ("test ECE, platt", "eval", "calibration.methods.platt.ece"),
+    ("test ECE, isotonic", "eval", "calibration.methods.isotonic.ece"),
 ]
 
 

@@ -1,0 +1,64 @@
+"""Every calibration method on trained models: fitted on validation, measured on test (ECE, Brier).
+
+    python -m benchmarks.calibration_methods MODEL.keras PROCESSED_DIR [MODEL.keras PROCESSED_DIR ...]
+
+PROCESSED_DIR holds the `valid/` and `test/` splits of data/processed that the model was evaluated on (a pipeline
+project's data/processed, or a copy kept beside the model). This reruns no training: it scores the two splits,
+fits each method of chestct.evaluation.calibration on the validation scores and prints the test figures per
+model, then the mean over models, so `evaluate.calibration.method` can be chosen by measurement. The evaluate
+stage reports the same figures for its own model under calibration.methods in metrics/eval.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import brier_score_loss
+
+from chestct.evaluation.calibration import METHODS, expected_calibration_error, fit_calibration
+from chestct.evaluation.scoring import predict_scores
+from chestct.imaging.processed import load_split
+from chestct.training.model import load_trained_model
+
+
+def measure(model_path: Path, processed: Path, bins: int) -> dict:
+    model = load_trained_model(model_path)
+    splits = {name: load_split(processed / name, unstandardised=False).in_memory() for name in ("valid", "test")}
+    scores = {name: predict_scores(model, split.images, 64) for name, split in splits.items()}
+    valid_labels, test_labels = splits["valid"].labels, splits["test"].labels
+    figures = {"none": scores["test"]}
+    for method in METHODS:
+        figures[method] = fit_calibration(valid_labels, scores["valid"], method, "valid").apply(scores["test"])
+    return {method: {"ece": expected_calibration_error(test_labels, probabilities, bins),
+                     "brier": float(brier_score_loss(test_labels, probabilities))}
+            for method, probabilities in figures.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("pairs", nargs="+", help="MODEL.keras PROCESSED_DIR, repeated")
+    parser.add_argument("--bins", type=int, default=10, help="equal-mass bins of the ECE (default 10)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
+    args = parser.parse_args()
+    if len(args.pairs) % 2:
+        parser.error("give MODEL.keras PROCESSED_DIR pairs")
+    runs = {}
+    for model, processed in zip(args.pairs[::2], args.pairs[1::2], strict=True):
+        runs[model] = measure(Path(model), Path(processed), args.bins)
+        print(model + ": " + ", ".join(f"{method} ECE {f['ece']:.3f} Brier {f['brier']:.3f}"
+                                       for method, f in runs[model].items()), flush=True)
+    print(f"\nmean over {len(runs)} models (test ECE, {args.bins} equal-mass bins / Brier):")
+    for method in ("none", *METHODS):
+        ece = [run[method]["ece"] for run in runs.values()]
+        brier = [run[method]["brier"] for run in runs.values()]
+        print(f"  {method:<12} ECE {np.mean(ece):.3f} (sd {np.std(ece, ddof=1) if len(ece) > 1 else 0:.3f})   "
+              f"Brier {np.mean(brier):.3f}")
+    if args.out:
+        args.out.write_text(json.dumps(runs, indent=1))
+
+
+if __name__ == "__main__":
+    main()
