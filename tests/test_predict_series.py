@@ -39,6 +39,9 @@ def test_every_series_is_answered_on_its_own(mixed_folder, tiny_export, tmp_path
     for label, answer in answers.items():
         scored = [item for item in answer["per_slice"] if item["probability"] is not None]
         assert len(answer["per_slice"]) == answer["slices"] == len(scored)
+        # Every slice carries the domain check; a synthetic chest slice with lungs passes it.
+        assert all(item["in_domain"] == (item["domain_reason"] is None) for item in scored)
+        assert all(item["in_domain"] for item in scored if item["in_lungs"])
         if label == "P3_s7_B":
             assert answer["score"] is None and "a single slice" in answer["note"]
             continue

@@ -21,6 +21,7 @@ from chestct.decision import decide
 from chestct.external.series import Series, SliceHeader
 from chestct.external.validation import error_reason
 from chestct.imaging.anatomy import lung_mask
+from chestct.imaging.domain import check_chest_ct
 
 SERIES_RULE = ("the series' score is the highest slice probability among the slices where lung fields are found "
                "(the maximum over all slices when none shows them); each slice is scored on its own")
@@ -36,6 +37,8 @@ class SliceScore:
     probability: float | None = None
     decision: int | None = None
     in_lungs: bool | None = None
+    in_domain: bool | None = None  # the first layer of the domain check (chestct.imaging.domain)
+    domain_reason: str | None = None
     error: str | None = None
     image: np.ndarray | None = None  # the model input (S, S, 1), kept when asked for (Grad-CAM, figures)
     gray: np.ndarray | None = None  # the decoded slice, kept when asked for (lesion boxes)
@@ -43,7 +46,8 @@ class SliceScore:
     def to_dict(self) -> dict:
         return {"file": self.header.relative, "sop_instance_uid": self.header.sop_uid, "z": self.header.z,
                 "instance_number": self.header.instance_number, "probability": self.probability,
-                "decision": self.decision, "in_lungs": self.in_lungs, "error": self.error}
+                "decision": self.decision, "in_lungs": self.in_lungs, "in_domain": self.in_domain,
+                "domain_reason": self.domain_reason, "error": self.error}
 
 
 @dataclass
@@ -124,6 +128,8 @@ def score_series(predictor, series: Sequence[Series], batch_size: int = 32,
             item.error = error_reason(exc, item.header.relative)
             continue
         item.in_lungs = bool(lung_mask(gray).any())
+        check = check_chest_ct(gray)
+        item.in_domain, item.domain_reason = check.passed, check.reason
         if keep(item.header) if callable(keep) else keep:
             item.image, item.gray = image, gray
         pending.append(item)

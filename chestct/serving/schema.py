@@ -57,6 +57,8 @@ class SliceResult(BaseModel):
     probability: float | None
     decision: int | None
     in_lungs: bool | None
+    in_domain: bool | None = None  # the domain check's first layer: an axial chest CT slice?
+    domain_reason: str | None = None
     error: str | None
 
 
