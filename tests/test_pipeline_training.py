@@ -143,11 +143,17 @@ def test_evaluate_writes_metrics_threshold_and_plots(evaluated_repo):
     assert threshold["chosen_on"] == "valid" and threshold["threshold"] == metrics["test"]["threshold"]
     check = metrics["lesion_check"]
     assert check["test_n"] > 0 and check["valid_n"] > 0 and 0.0 <= check["test_auc"] <= 1.0
+    calibration = metrics["calibration"]  # fitted on validation (or left uncalibrated, saying why)
+    assert set(calibration) >= {"method", "test_ece", "test_ece_ci", "test_ece_uncalibrated", "test_brier",
+                                "test_brier_uncalibrated", "threshold_calibrated", "methods"}
+    assert calibration["fitted_on"] == "valid" and threshold["calibration"]["method"] == calibration["method"]
+    assert calibration["method"] == "platt" or "not_fitted" in calibration
     for name in ("roc.png", "scores.png", "confusion.png", "calibration.png", "gradcam.png", "robustness.png"):
         assert (repo / "plots/eval" / name).stat().st_size > 5_000, name
     shown = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)
     charts = shown["data"]
     for title in ("ROC (test and validation)", "Precision-recall", "Confusion matrix (test)", "Calibration",
+                  "Calibration on test, before and after (equal-mass bins, evaluate.calibration)",
                   "Robustness (test AUC per perturbation of the raw image)"):
         assert charts[title][0]["content"]["data"]["values"], title  # rendered with data, not just declared
     assert not shown.get("errors")
@@ -207,6 +213,7 @@ def test_export_writes_every_format_with_verified_parity(exported_repo):
     assert metrics["formats"]["tflite_float32"]["max_abs_diff"] <= 1e-5
     threshold = json.loads((repo / "models/threshold.json").read_text())
     assert metadata["threshold"] == threshold["threshold"]
+    assert metadata["calibration"]["method"] == threshold["calibration"]["method"]  # the map travels with it
     assert metadata["input"] == {**metadata["input"], "shape": [64, 64, 1], "dtype": "uint8"}
     assert metadata["lesion_map"]["output"]["shape"] == [8, 8, 1] and metadata["lesion_map"]["stride"] == 8
     for name, report in metrics["formats"].items():  # the map is checked as the probability is
