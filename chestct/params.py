@@ -396,7 +396,7 @@ class ThresholdParams(Section):
 class CalibrationParams(Section):
     """evaluate.calibration: the map from score to probability, fitted where the threshold is chosen."""
 
-    method: Literal["none", "temperature", "platt", "isotonic"] = "platt"
+    method: Literal["none", "temperature", "platt", "isotonic"] = "isotonic"
     bins: Annotated[int, Field(ge=2, le=50)] = 10
 
 

@@ -150,6 +150,7 @@ def test_the_lesion_reader_follows_the_tumour_and_the_sharpness_reader_does_not(
         assert figures["kernel_paired_slices"] == 16 and figures["skipped"] == 0  # the XML files are the boxes
         assert figures["in_box_gradcam_share"] is None  # a rule has no Grad-CAM: said, not invented
         assert figures["in_box_lesion_map_share"] is None  # nor a lesion map
+        assert figures["out_of_domain_share"] == 0.0  # synthetic chest slices with lungs: axial chest CT
     assert lesion["within_series_auc"] >= 0.95 and lesion["kernel_agreement"] >= 0.95
     assert lesion["lesion_sensitivity"] == 1.0 and lesion["other_slices_positive_rate"] == 0.0
     assert lesion["kernel_mean_abs_diff"] < 0.05
@@ -180,6 +181,15 @@ def test_normal_only_gives_specificity_with_its_interval_and_lists_what_it_skipp
     reasons = {item["file"]: item["reason"] for item in details["normals"]["skipped"]}
     assert "not a recognised image" in reasons["slices.csv"] and "symbolic link" in reasons["scan/link.png"]
     assert figures["score_p05"] <= figures["score_p50"] <= figures["score_p95"]
+    # The domain check's first layer on each scored image: the share it flags, and specificity on the rest.
+    from chestct.imaging.domain import check_chest_ct
+
+    passed = np.array([check_chest_ct(predictor.decode(folder / "scan" / f"{i}.png")).passed for i in range(6)])
+    assert figures["out_of_domain_share"] == pytest.approx(1 - passed.mean(), abs=1e-4)
+    if passed.any():
+        assert figures["specificity_in_domain"] == pytest.approx(np.mean(scores[passed] < 0.5), abs=1e-4)
+    else:
+        assert figures["specificity_in_domain"] is None
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------

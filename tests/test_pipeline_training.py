@@ -147,7 +147,7 @@ def test_evaluate_writes_metrics_threshold_and_plots(evaluated_repo):
     assert set(calibration) >= {"method", "test_ece", "test_ece_ci", "test_ece_uncalibrated", "test_brier",
                                 "test_brier_uncalibrated", "threshold_calibrated", "methods"}
     assert calibration["fitted_on"] == "valid" and threshold["calibration"]["method"] == calibration["method"]
-    assert calibration["method"] == "platt" or "not_fitted" in calibration
+    assert calibration["method"] == "isotonic" or "not_fitted" in calibration
     for name in ("roc.png", "scores.png", "confusion.png", "calibration.png", "gradcam.png", "robustness.png"):
         assert (repo / "plots/eval" / name).stat().st_size > 5_000, name
     shown = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)

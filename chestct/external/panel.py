@@ -123,6 +123,7 @@ def score_normal_only(entry: ExternalSetParams, folder: Path, predictor, out_dir
     scores = np.array([probability for _, probability in scored])
     decisions = decide(scores, predictor.threshold)
     normals_called_normal = int((decisions == 0).sum())
+    in_domain = np.array([row["in_domain"] for row in rows if not row["error"]], bool)
     quantiles = np.quantile(scores, SCORE_QUANTILES)
     figures = {"kind": entry.kind, "n": len(scores),
                "specificity": _round(normals_called_normal / len(scores)),
@@ -131,6 +132,10 @@ def score_normal_only(entry: ExternalSetParams, folder: Path, predictor, out_dir
                "score_mean": _round(scores.mean()),
                **{f"score_p{int(q * 100):02d}": _round(value) for q, value in zip(SCORE_QUANTILES, quantiles,
                                                                                    strict=True)},
+               # The first layer of the domain check (chestct.imaging.domain): the share it flags, and the
+               # specificity on the slices it passes (None when it passes none).
+               "out_of_domain_share": _round(1.0 - in_domain.mean()),
+               "specificity_in_domain": _round(float((decisions[in_domain] == 0).mean())) if in_domain.any() else None,
                "skipped": len(skipped)}
     with atomic_path(out_dir / "scores.csv") as temp, open(temp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -330,7 +335,9 @@ def score_annotated_series(entry: ExternalSetParams, folder: Path, predictor, ou
                if other_scored else None,
                **kernel, "in_box_gradcam_share": attention["in_box_gradcam_share"],
                "in_box_lesion_map_share": attention["in_box_lesion_map_share"],
-               "in_box_area_share": attention["in_box_area_share"], "skipped": len(skipped)}
+               "in_box_area_share": attention["in_box_area_share"],
+               "out_of_domain_share": _round(np.mean([not item.in_domain for item in scored])),
+               "skipped": len(skipped)}
     _slices_csv(out_dir / "slices.csv", results, boxed)
     z_profile_png(out_dir / "z_profile.png", results, predictor.threshold, boxed,
                   title=f"{entry.name}: slice probability along z (red: boxed tumour slices)")
