@@ -167,7 +167,12 @@ def main() -> None:
                         help="declare the cross-source panel from this folder (../shared/data/cross-source) and "
                              "run through the external stage")
     parser.add_argument("--out", type=Path, default=Path("reports/seeds.json"), help="where to write the JSON")
-    parser.add_argument("--keep", type=Path, default=None, help="build the project copy here and keep it")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="build the project copy here and keep it; an existing copy is reused as it is (its "
+                             "code, data and cached stages: a run stopped part-way goes on where it stopped)")
+    parser.add_argument("--timeout-min", type=float, default=240.0,
+                        help="longest `dvc repro` of one seed, in minutes (default 240: a real-data seed with the "
+                             "panel takes 10-25 minutes on 2 cores)")
     args = parser.parse_args()
 
     overrides = project_overrides(args.real, args.overrides)
@@ -175,14 +180,19 @@ def main() -> None:
         overrides = _merge(overrides, {"external": {"sets": panel_sets(args.panel)}})
     target = "external" if (overrides.get("external") or {}).get("sets") else "evaluate"
     scratch = Path(tempfile.mkdtemp(prefix="chestct-seeds-"))
-    repo = make_pipeline_repo(args.keep or scratch / "project", overrides)
+    if args.keep is not None and (args.keep / "dvc.yaml").is_file():
+        repo = args.keep
+        update_params(repo, overrides)
+        print(f"reusing the project copy in {repo} (its code and cached stages)", flush=True)
+    else:
+        repo = make_pipeline_repo(args.keep or scratch / "project", overrides)
     seeds = [args.first_seed + index for index in range(args.seeds)]
     per_seed, worst_names = [], []
     try:
         for seed in seeds:
             update_params(repo, {"seed": seed})
             started = time.perf_counter()
-            run(["dvc", "repro", target], repo)
+            run(["dvc", "repro", target], repo, timeout=args.timeout_min * 60)
             metrics = {name: json.loads((repo / f"metrics/{name}.json").read_text())
                        for name in ("eval", "train_phase2")}
             per_seed.append({label: _lookup(metrics[file], key) for label, file, key in FIGURES})
