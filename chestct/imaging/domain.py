@@ -4,7 +4,7 @@ already finds (chestct.imaging.anatomy): the first layer of the domain check on 
 A photograph, a chest X-ray, a document, a blank or random image, an abdominal slice or a slice turned on its side
 gets an answer from the model all the same; these checks say it is not what the model was made for, with the
 reason. They are deliberately loose: they only have to pass every axial chest CT the project has seen (the Kaggle
-set, the cross-source scanners, the phantoms; README "Calibration and the domain check" has the figures) and catch
+set, the cross-source scanners, the phantoms; README "What the probability means" has the figures) and catch
 what is plainly something else. Passing them does not make an image in-domain for the model: the second layer
 (the distance in the model's feature space) judges that.
 
@@ -35,7 +35,7 @@ from chestct.imaging.anatomy import body_mask, lung_mask
 MIN_CONTRAST = 4.0  # grey levels of standard deviation
 MIN_BODY_SHARE = 0.15  # the real slices surveyed: 0.31 or more
 MAX_LUNG_SHARE = 0.75  # of the body; the real slices surveyed: at most 0.62
-MAX_STACKED = 2.0  # down over across between two comparable lung fields; the real slices surveyed: see README
+MAX_STACKED = 2.0  # down over across between two comparable lung fields; the real slices surveyed: 4 of 1,372 above it
 COMPARABLE_FIELD = 0.3  # a second field counts for `stacked` when it holds at least this share of the lung area
 MIN_LUNG_DARKNESS = 0.3  # lungs hold air; the real chest slices surveyed: all but 2 of 1,325 at 0.53 or more
 RADIOGRAPH_DARKNESS = 0.5  # with spans_height: lungs lighter than this are a radiograph's (real slices: >= 0.58)
