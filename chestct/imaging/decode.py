@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from chestct.imaging.dicom import dicom_to_grayscale, looks_like_dicom
+from chestct.imaging.domain import colour_spread
 from chestct.imaging.errors import (
     CorruptImageError,
     EmptyImageError,
@@ -157,8 +158,7 @@ def colour_of(image: Image.Image) -> float:
     colour figure (chestct.imaging.domain)."""
     if image.mode not in ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
         return 0.0
-    rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
-    return float(np.mean(rgb.max(axis=2) - rgb.min(axis=2)))
+    return colour_spread(np.asarray(image.convert("RGB")))
 
 
 def decode_grayscale(source: str | Path | bytes, name: str | None = None,

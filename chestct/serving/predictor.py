@@ -28,6 +28,7 @@ from chestct.imaging.errors import OutOfDomainError
 from chestct.imaging.files import upload_limit_bytes
 from chestct.imaging.preprocess import preprocess_gray, preprocess_image
 from chestct.labels import CLASS_NAMES
+from chestct.params import ServeParams
 
 log = logging.getLogger("chestct.serving.predictor")
 
@@ -73,6 +74,12 @@ def upsample_maps(maps: np.ndarray, size: int) -> np.ndarray:
 
     return np.stack([cv2.resize(np.asarray(cell, np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
                      for cell in maps]) if len(maps) else np.zeros((0, size, size), np.float32)
+
+
+def decode_limits(serve: ServeParams) -> dict:
+    """The export's limits and DICOM window, as every decode of an input here takes them."""
+    return {"max_pixels": serve.max_pixels, "dicom_window": serve.dicom_window,
+            "max_bytes": upload_limit_bytes(serve.max_upload_mb)}
 
 
 def resolve_export_dir(export_dir: str | Path | None = None) -> Path:
@@ -204,23 +211,17 @@ class Predictor:
 
     def prepare(self, source: bytes | str | Path, name: str | None = None) -> np.ndarray:
         """The model's input for one file or its bytes: uint8 (S, S, 1), exactly as the pipeline caches it."""
-        return preprocess_image(source, self.preprocess_params, name=name, max_pixels=self.serve_params.max_pixels,
-                                dicom_window=self.serve_params.dicom_window,
-                                max_bytes=upload_limit_bytes(self.serve_params.max_upload_mb))
+        return preprocess_image(source, self.preprocess_params, name=name, **decode_limits(self.serve_params))
 
     def decode(self, source: bytes | str | Path, name: str | None = None) -> np.ndarray:
         """The decoded grayscale (rows, cols) uint8 that `prepare` starts from, within the export's limits:
         for callers that also need the stored image (lung fields, lesion boxes) and then call `prepare_decoded`."""
-        return decode_grayscale(source, name=name, max_pixels=self.serve_params.max_pixels,
-                                dicom_window=self.serve_params.dicom_window,
-                                max_bytes=upload_limit_bytes(self.serve_params.max_upload_mb))
+        return decode_grayscale(source, name=name, **decode_limits(self.serve_params))
 
     def inspect(self, source: bytes | str | Path, name: str | None = None) -> tuple[np.ndarray, ChestCheck]:
         """`prepare`'s input for the model, and the domain check of the decoded image (decoded once for both);
         OutOfDomainError when the check fails and this predictor refuses such images."""
-        gray, colour = decode_with_colour(source, name=name, max_pixels=self.serve_params.max_pixels,
-                                          dicom_window=self.serve_params.dicom_window,
-                                          max_bytes=upload_limit_bytes(self.serve_params.max_upload_mb))
+        gray, colour = decode_with_colour(source, name=name, **decode_limits(self.serve_params))
         check = check_chest_ct(gray, colour)
         if self.refuse_out_of_domain and not check.passed:
             raise OutOfDomainError(f"{name or source}: not scored, {check.reason}")
