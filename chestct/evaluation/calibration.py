@@ -128,6 +128,9 @@ def calibration_report(fit_labels, fit_scores, fitted_on: str, test_labels, test
     raw_ece, raw_ece_ci = ece_with_interval(test_labels, raw, bins, level, resamples, seed)
     methods = {}
     for name in METHODS:  # side by side, each fitted on the same scores: the default is chosen on these
+        if name == chosen.method:  # fitted above already
+            methods[name] = _figures(test_labels, calibrated, bins)
+            continue
         try:
             methods[name] = _figures(test_labels, fit_calibration(fit_labels, fit_scores, name, fitted_on)
                                      .apply(raw), bins)
