@@ -400,6 +400,14 @@ class CalibrationParams(Section):
     bins: Annotated[int, Field(ge=2, le=50)] = 10
 
 
+class DomainParams(Section):
+    """evaluate.domain: the second layer of the domain check, a distance in the model's own feature space."""
+
+    enabled: bool = True
+    # The cut: this quantile of the validation images' distances (0.99: 1 in 100 in-domain images is flagged).
+    quantile: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.99
+
+
 class RobustnessParams(Section):
     enabled: bool
     gamma: list[Annotated[float, Field(gt=0.0, le=10.0)]]
@@ -417,6 +425,7 @@ class RobustnessParams(Section):
 class EvaluateParams(Section):
     threshold: ThresholdParams
     calibration: CalibrationParams = CalibrationParams()
+    domain: DomainParams = DomainParams()
     bootstrap_resamples: Annotated[int, Field(ge=100)]
     confidence_level: Annotated[float, Field(gt=0.5, lt=1.0)]
     histogram_bins: Annotated[int, Field(ge=2, le=256)]
