@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from chestct.atomic_io import write_json
@@ -11,6 +12,8 @@ from chestct.evaluation import plots
 from chestct.evaluation.ablation import ablation_report
 from chestct.evaluation.attention import anatomy_masks, attention_report, outline
 from chestct.evaluation.calibration import calibration_report
+from chestct.evaluation.domain import fit_feature_domain, selective_figures, split_domain_figures
+from chestct.evaluation.features import predict_features
 from chestct.evaluation.gradcam import gradcam, overlay
 from chestct.evaluation.input_cues import input_shortcut_audit
 from chestct.evaluation.out_of_fold import choose_out_of_fold_threshold, read_scores
@@ -27,6 +30,9 @@ from chestct.evaluation.scoring import (
 )
 from chestct.evaluation.shortcuts import raw_grayscale, shortcut_audit
 from chestct.evaluation.thresholds import choose_threshold, threshold_record
+from chestct.feature_domain import save_disabled
+from chestct.imaging.decode import decode_with_colour
+from chestct.imaging.domain import check_chest_ct
 from chestct.imaging.processed import load_split
 from chestct.params import load_params
 from chestct.training.lesion_check import build_lesion_check, lesion_check_auc
@@ -39,6 +45,7 @@ MANIFEST = Path("data/split/manifest.csv")
 OUT_OF_FOLD = Path("data/out_of_fold/scores.csv")
 MODEL = Path("models/phase2.keras")
 THRESHOLD = Path("models/threshold.json")
+DOMAIN = Path("models/domain.npz")
 METRICS = Path("metrics/eval.json")
 PLOTS = Path("plots/eval")
 
@@ -102,6 +109,40 @@ def _calibration(fitting: tuple, test_labels, test_scores, threshold: float, par
                               settings.bootstrap_resamples, params.seed)
 
 
+def _not_chest(ids) -> np.ndarray:
+    """The domain check's first layer on the stored files of a split (True: refused, not a chest CT slice)."""
+    return np.array([not check_chest_ct(*decode_with_colour(RAW_DATA / str(image_id))).passed for image_id in ids],
+                    bool)
+
+
+def _domain(model, train, splits: dict, threshold: float, params) -> dict:
+    """The domain check on validation and test: the feature-distance fit (written to models/domain.npz for the
+    export), the share of each split either layer flags, and the selective figures on the part left in domain.
+    `splits` maps a split's name to (its arrays, its scores)."""
+    settings, batch = params.evaluate, params.train.validation_batch_size
+    features = {name: predict_features(model, arrays.images, batch) for name, (arrays, _) in splits.items()}
+    report: dict = {"enabled": settings.domain.enabled, "quantile": settings.domain.quantile}
+    domain = None
+    if settings.domain.enabled:
+        domain = fit_feature_domain(predict_features(model, train.images, batch), train.labels, features["valid"],
+                                    settings.domain.quantile)
+        domain.save(DOMAIN)
+        report |= {"cut": round(domain.cut, 4), "feature_dim": domain.feature_dim,
+                   "fitted_images": domain.fitted_images, "validation_images": domain.validation_images}
+    else:
+        save_disabled(DOMAIN, "evaluate.domain.enabled is false")
+    report["selective"] = {}
+    for name, (arrays, scores) in splits.items():
+        distances = None if domain is None else domain.distances(features[name])
+        figures, in_domain = split_domain_figures(_not_chest(arrays.ids), distances,
+                                                  None if domain is None else domain.cut)
+        report |= {f"{name}_{key}": value for key, value in figures.items()}
+        report["selective"][name] = selective_figures(arrays.labels, scores, threshold, in_domain,
+                                                      settings.confidence_level, settings.bootstrap_resamples,
+                                                      params.seed)
+    return report
+
+
 def main() -> None:
     params = load_params()
     settings, seed = params.evaluate, params.seed
@@ -132,6 +173,8 @@ def main() -> None:
         "test": split_metrics(test, test_scores, threshold, settings, seed) | distinct_slices(test, manifest),
         "valid": split_metrics(valid, valid_scores, threshold, settings, seed) | distinct_slices(valid, manifest),
         "test_leak_free": split_metrics(test, test_scores, threshold, settings, seed, members=leak_free),
+        "domain": _domain(model, train, {"test": (test, test_scores), "valid": (valid, valid_scores)}, threshold,
+                          params),
         "shortcut": shortcut_audit(model, train, test, test_scores, manifest, train_gray, test_gray, settings, batch)
         | input_shortcut_audit(train.images, train.labels, test.images, test.labels, settings.histogram_bins)
         | {"train_images": len(train), "train_images_total": len(whole_train)},
@@ -209,6 +252,12 @@ def _print_summary(metrics: dict, choice: dict) -> None:
     if "not_fitted" in cal:
         print(f"  warning: calibration {cal['requested_method']} could not be fitted, the export stays uncalibrated: "
               f"{cal['not_fitted']}")
+    d = metrics["domain"]
+    cut = f"feature-distance cut {d['cut']} (the {d['quantile']:g} quantile of validation)" if d["enabled"] else (
+        "feature distance off (evaluate.domain.enabled)")
+    print(f"  domain check: {cut}; out of domain: test {d['test_out_of_domain_share']}, validation "
+          f"{d['valid_out_of_domain_share']} (not a chest CT slice: test {d['test_not_chest_share']}); test on the "
+          f"rest: coverage {d['selective']['test']['coverage']}, AUC {d['selective']['test']['auc']}")
     check = metrics["lesion_check"]
     print(f"  inserted-lesion check (the same Normal with and without a lesion put in): test AUC {check['test_auc']} "
           f"(n={check['test_n']}), validation {check['valid_auc']} (n={check['valid_n']})")

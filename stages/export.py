@@ -1,6 +1,9 @@
 """export stage: every format from models/phase2.keras, parity-checked in fresh processes, metadata, model card,
 and metrics/summary.json (the run's headline figures, chestct.export.summary).
 
+With the evaluate stage's feature-distance domain fit (models/domain.npz, evaluate.domain.enabled), every format
+gives the model's pooled features as its last output and the fit is copied into the export (chestct.feature_domain).
+
 A float format out of tolerance fails the stage; a quantized one is left out (its file removed, its figures and
 the reason in metrics/export.json, metadata.json and the model card) unless export.require_all is true.
 """
@@ -8,6 +11,7 @@ the reason in metrics/export.json, metadata.json and the model card) unless expo
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -15,11 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from chestct.atomic_io import atomic_path, write_json
+from chestct.evaluation.features import with_features
 from chestct.export.formats import artifact_bytes, planned_formats, remove_artifact, write_artifacts
 from chestct.export.parity import formats_to_leave_out, left_out_warning, measure_format, run_in_fresh_process
 from chestct.export.provenance import export_source
 from chestct.export.summary import build_summary
 from chestct.export.writer import write_metadata_files
+from chestct.feature_domain import DOMAIN_FILE, load_feature_domain
 from chestct.imaging.processed import load_split
 from chestct.params import load_params
 from chestct.training.backbones import backbone_spec
@@ -28,6 +34,7 @@ from stages.errors import run_stage
 
 MODEL = Path("models/phase2.keras")
 THRESHOLD = Path("models/threshold.json")
+DOMAIN = Path("models/domain.npz")
 TEST = Path("data/processed/test")
 EVAL_METRICS = Path("metrics/eval.json")
 DATA_METRICS = Path("metrics/data.json")
@@ -74,24 +81,26 @@ def main() -> None:
     test = load_split(TEST, unstandardised=False).in_memory()  # the parity checks need the model's input only
     trained = load_trained_model(MODEL, keep_lesion_map=True)  # a lesion map is exported with the probability
     model = float32_copy(trained)  # after mixed-precision training: the same weights, float32 arithmetic
+    domain = load_feature_domain(DOMAIN)
     backbone = backbone_spec(params.model.backbone)
     formats, skipped = planned_formats(params.export.formats, backbone.legacy_h5, backbone.name)
     precision = precision_report(trained, model, test.images)
 
+    exported = model if domain is None else with_features(model)  # the pooled features as the last output
+
     with atomic_path(EXPORT) as folder, tempfile.TemporaryDirectory() as scratch:
-        paths = write_artifacts(model, folder, formats)
+        paths = write_artifacts(exported, folder, formats)
         images_file = Path(scratch) / "test_images.npy"
         np.save(images_file, test.images)
         reference_model = MODEL
-        if model is not trained:
-            reference_model = Path(scratch) / "float32.keras"
-            model.save(reference_model)
-        keras_run = run_in_fresh_process("keras", reference_model, images_file, 1)
-        reference, reference_maps = keras_run["scores"], keras_run["maps"]
+        if exported is not trained:
+            reference_model = Path(scratch) / "reference.keras"
+            exported.save(reference_model)
+        reference = run_in_fresh_process("keras", reference_model, images_file, 1)
         reports, latency = {}, {}
         for name, path in paths.items():
             reports[name], timings = measure_format(name, path, images_file, reference, threshold["threshold"],
-                                                    params.export, reference_maps)
+                                                    params.export, domain)
             reports[name]["bytes"] = artifact_bytes(path)
             if timings.size:
                 latency[name] = {"median_ms": float(np.median(timings)), "p95_ms": float(np.percentile(timings, 95))}
@@ -102,8 +111,11 @@ def main() -> None:
             remove_artifact(paths.pop(name))  # the export folder holds only what passed
             latency.pop(name, None)
             print(left_out_warning(name, report), file=sys.stderr, flush=True)
+        domain_file = None
+        if domain is not None:
+            domain_file = (shutil.copyfile(DOMAIN, folder / DOMAIN_FILE), domain)
         write_metadata_files(folder, params, threshold, paths, skipped, test.image_size, _read_json(EVAL_METRICS),
-                             _read_json(DATA_METRICS), left_out, source=export_source())
+                             _read_json(DATA_METRICS), left_out, source=export_source(), domain=domain_file)
     report = {"test_images": len(test), "formats": {name: reports[name] for name in paths},
               "left_out": left_out, "skipped": skipped, "precision": precision}
     write_json(METRICS, report)

@@ -142,6 +142,7 @@ class RulePredictor:
     threshold = 0.5
     calibration = UNCALIBRATED
     refuse_out_of_domain = False
+    domain = None  # no feature distance: the first layer of the domain check alone
 
     def __init__(self, rule: str, params):
         from chestct.serving.predictor import DEFAULT_EXPORT_DIR
@@ -174,6 +175,20 @@ class RulePredictor:
         from chestct.serving.predictor import Predictor
 
         return Predictor.inspect(self, source, name)
+
+    def outputs(self, images: np.ndarray):
+        from chestct.export.formats import ModelOutputs
+
+        return ModelOutputs(self.probabilities(images), None, None)
+
+    def __getattr__(self, name: str):
+        """The real Predictor's domain-check methods (domain_distances, domain_reason, refusal), which read only
+        `domain` and `refuse_out_of_domain`."""
+        from chestct.serving.predictor import Predictor
+
+        if name in ("domain_distances", "domain_reason", "refusal"):
+            return getattr(Predictor, name).__get__(self)
+        raise AttributeError(name)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         images = images[..., 0].astype(np.float64)

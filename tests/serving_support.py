@@ -2,7 +2,9 @@
 
 DenseNet121 rather than MobileNetV3: with random weights its outputs vary between images and its Grad-CAM maps
 are not constant (see test_gradcam.py). The threshold is set to the median probability of a few phantoms, so
-both diagnoses occur.
+both diagnoses occur. Every export carries a feature domain (chestct.feature_domain) fitted on phantoms, its cut
+set well above every phantom's distance: the phantoms the tests upload are in domain, and a test that wants one
+out of domain lowers the loaded predictor's cut.
 """
 
 from __future__ import annotations
@@ -39,25 +41,51 @@ def phantom_images(count: int = 6, seed: int = 0) -> list[tuple[int, np.ndarray]
 TEST_CALIBRATION = {"method": "platt", "slope": 3.0, "intercept": 0.4, "fitted_on": "valid", "fitted_images": 40}
 
 
+def tiny_domain(model, params, images: np.ndarray, labels: np.ndarray):
+    """A feature domain fitted on `images`, its cut at three times the largest distance of other phantoms (a
+    dozen images against 1,024 features: held-out phantoms lie far from the fit, but within that cut)."""
+    import dataclasses
+
+    from chestct.evaluation.domain import fit_feature_domain
+    from chestct.evaluation.features import predict_features
+    from chestct.imaging.preprocess import preprocess_gray
+
+    others = np.stack([preprocess_gray(gray, params.preprocess) for _, gray in phantom_images(12, seed=1)])
+    valid = predict_features(model, others, 8)
+    domain = fit_feature_domain(predict_features(model, images, 8), labels, valid, 0.99)
+    return dataclasses.replace(domain, cut=3.0 * float(domain.distances(valid).max()))
+
+
 def build_tiny_export(folder: Path, default_params, formats: tuple[str, ...] = FORMATS, lesion_map: bool = False,
-                      **serve_overrides) -> Path:
-    """The export; `lesion_map` makes it a lesion-map model (two outputs in every format)."""
+                      with_domain: bool = True, **serve_overrides) -> Path:
+    """The export; `lesion_map` makes it a lesion-map model (two outputs in every format), `with_domain` False an
+    export as written before schema 2.5 (no feature output, no domain file)."""
     import keras
 
+    from chestct.evaluation.features import with_features
     from chestct.evaluation.thresholds import threshold_record
     from chestct.export.formats import write_artifacts
     from chestct.export.writer import write_metadata_files
+    from chestct.feature_domain import DOMAIN_FILE
     from chestct.imaging.preprocess import preprocess_gray
     from chestct.training.model import build_model, prediction_of
 
     params = serving_params(default_params, lesion_map, **serve_overrides)
     keras.utils.set_random_seed(3)
     model = build_model(params.model, SIZE)
-    images = np.stack([preprocess_gray(gray, params.preprocess) for _, gray in phantom_images()])
-    threshold = float(np.median(prediction_of(model.predict(images, verbose=0)).ravel()))
+    phantoms = phantom_images(12)
+    images = np.stack([preprocess_gray(gray, params.preprocess) for _, gray in phantoms])
+    threshold = float(np.median(prediction_of(model.predict(images[:6], verbose=0)).ravel()))
+    domain = None
+    if with_domain:
+        domain = tiny_domain(model, params, images, np.array([label for label, _ in phantoms]))
+        model = with_features(model)
     paths = write_artifacts(model, folder, list(formats))
+    if domain is not None:
+        domain.save(folder / DOMAIN_FILE)
     record = threshold_record({"threshold": threshold, "method": "fixed"}, params, TEST_CALIBRATION)
-    write_metadata_files(folder, params, record, paths, {}, SIZE, None, None)
+    write_metadata_files(folder, params, record, paths, {}, SIZE, None, None,
+                         domain=None if domain is None else (folder / DOMAIN_FILE, domain))
     return folder
 
 

@@ -200,7 +200,7 @@ def _with_metadata(tiny_export, tmp_path, change) -> object:
 
 def test_metadata_records_its_schema_versions_and_input_contract(tiny_export):
     metadata = json.loads((tiny_export / "metadata.json").read_text())
-    assert metadata["schema_version"] == "2.4"
+    assert metadata["schema_version"] == "2.5"
     assert set(metadata["versions"]) == {"chestct", "tensorflow", "keras"}
     assert metadata["input"] == {**metadata["input"], "name": "image", "dtype": "uint8", "shape": [64, 64, 1],
                                  "value_range": [0.0, 255.0]}
@@ -210,7 +210,7 @@ def test_metadata_records_its_schema_versions_and_input_contract(tiny_export):
 @pytest.mark.parametrize(("change", "message"), [
     (lambda m: m.update(schema_version="3.0"), r"schema version 3\.0, this chestct reads major version 2"),
     (lambda m: m.pop("schema_version"), r"schema version 1, this chestct reads major version 2"),
-    (lambda m: m.pop("threshold"), r"does not match the export metadata schema 2\.4 \(threshold: Field required"),
+    (lambda m: m.pop("threshold"), r"does not match the export metadata schema 2\.5 \(threshold: Field required"),
 ])
 def test_metadata_of_another_major_version_or_shape_is_refused_saying_what_to_do(tiny_export, tmp_path, change,
                                                                                  message):

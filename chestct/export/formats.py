@@ -7,8 +7,10 @@ CLI's `--formats` help and metrics/export.json. Adding a format is one entry in 
 
 Every loader takes the cached uint8 images (N, S, S, 1) and returns float64 probabilities (N,). A model with a
 lesion map (chestct.training.lesion_map) is exported whole, with both outputs, in every format; its loaders also
-give the map, float64 (N, h, w), through `LoadedExport.predict_with_map`. The outputs are told apart by rank
-(the probability is (N, 1), the map (N, h, w, 1)), since graph formats name them output_0, output_1 or not at all.
+give the map, float64 (N, h, w), through `LoadedExport.predict_with_map`. An export with a feature-distance
+domain check (chestct.feature_domain) also gives the model's pooled features (N, D) as its last output, read
+through `LoadedExport.predict_outputs`. The outputs are told apart by shape (the probability is (N, 1), the
+features (N, D) with D > 1, the map (N, h, w, 1)), since graph formats name them output_0, output_1 or not at all.
 
 TensorFlow and the Keras model code are imported inside the writers and loaders, not at the top: the registry is
 read without them (`chestct check-params`, the predictor's format order, the service's metadata checks).
@@ -26,14 +28,24 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from chestct.errors import ChestctError
 
 Predict = Callable[[np.ndarray], np.ndarray]
-# images -> (probabilities (N,), lesion maps (N, h, w) or None for a model without one)
-PredictWithMap = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
+
+
+class ModelOutputs(NamedTuple):
+    """What one forward pass of an exported model gives, float64."""
+
+    scores: np.ndarray  # (N,) probabilities of Cancer
+    maps: np.ndarray | None  # (N, h, w) lesion maps; None for a model without one
+    features: np.ndarray | None  # (N, D) pooled features; None for an export without them (before schema 2.5)
+
+
+PredictOutputs = Callable[[np.ndarray], ModelOutputs]
 
 
 class ExportedModelError(ChestctError, RuntimeError):
@@ -151,47 +163,51 @@ def _tflite_writer(quantization: str):
 # --- loaders ----------------------------------------------------------------------------------------------
 
 
-def split_outputs(outputs) -> tuple[np.ndarray, np.ndarray | None]:
-    """(probabilities (N,), lesion maps (N, h, w) or None) from one call's outputs: an array, or several."""
+def split_outputs(outputs) -> ModelOutputs:
+    """The probabilities, lesion maps and pooled features among one call's outputs: an array, or several."""
     if not isinstance(outputs, (list, tuple)):
         outputs = [outputs]
     arrays = [np.asarray(output) for output in outputs]
-    scores = [array for array in arrays if array.ndim <= 2]
+    scores = [array for array in arrays if array.ndim <= 1 or (array.ndim == 2 and array.shape[-1] == 1)]
+    features = [array for array in arrays if array.ndim == 2 and array.shape[-1] > 1]
     maps = [array for array in arrays if array.ndim == 4]
-    if len(scores) != 1 or len(maps) > 1:
-        raise ExportedModelError(f"expected a probability output (N, 1) and at most one lesion map (N, h, w, 1), got "
-                                 f"outputs of shapes {[array.shape for array in arrays]}")
-    return scores[0].reshape(-1).astype(np.float64), maps[0][..., 0].astype(np.float64) if maps else None
+    if len(scores) != 1 or len(maps) > 1 or len(features) > 1 or len(scores) + len(maps) + len(features) != len(arrays):
+        raise ExportedModelError(f"expected a probability output (N, 1), at most one lesion map (N, h, w, 1) and at "
+                                 f"most one feature output (N, D), got outputs of shapes "
+                                 f"{[array.shape for array in arrays]}")
+    return ModelOutputs(scores[0].reshape(-1).astype(np.float64),
+                        maps[0][..., 0].astype(np.float64) if maps else None,
+                        features[0].astype(np.float64) if features else None)
 
 
-def _batched(run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]], batch_size: int) -> PredictWithMap:
-    def predict_with_map(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+def _batched(run: Callable[[np.ndarray], ModelOutputs], batch_size: int) -> PredictOutputs:
+    def predict_outputs(images: np.ndarray) -> ModelOutputs:
         parts = [run(images[start:start + batch_size]) for start in range(0, len(images), batch_size)]
         if not parts:
-            return np.zeros(0), None
-        scores = np.concatenate([part[0] for part in parts])
-        maps = None if parts[0][1] is None else np.concatenate([part[1] for part in parts])
-        return scores, maps
+            return ModelOutputs(np.zeros(0), None, None)
+        return ModelOutputs(*(None if parts[0][field] is None else np.concatenate([part[field] for part in parts])
+                              for field in range(len(ModelOutputs._fields))))
 
-    return predict_with_map
+    return predict_outputs
 
 
-def _load_keras_file(path: Path, batch_size: int) -> tuple[PredictWithMap, object]:
-    from chestct.training.model import classifier_view, load_trained_model  # registers every custom object
+def _load_keras_file(path: Path, batch_size: int) -> tuple[PredictOutputs, object]:
+    from chestct.evaluation.features import scoring_view
+    from chestct.training.model import load_trained_model  # registers every custom object
 
     model = load_trained_model(path, keep_lesion_map=True)
     # predict_on_batch skips model.predict's per-call dataset set-up (about 200 ms for a single image).
-    return _batched(lambda batch: split_outputs(model.predict_on_batch(batch)), batch_size), classifier_view(model)
+    return _batched(lambda batch: split_outputs(model.predict_on_batch(batch)), batch_size), scoring_view(model)
 
 
-def _load_savedmodel(path: Path, batch_size: int) -> tuple[PredictWithMap, None]:
+def _load_savedmodel(path: Path, batch_size: int) -> tuple[PredictOutputs, None]:
     import tensorflow as tf
 
     serve = tf.saved_model.load(str(path)).signatures["serving_default"]
     return _batched(lambda batch: split_outputs(list(serve(tf.constant(batch)).values())), batch_size), None
 
 
-def _load_tflite(path: Path, batch_size: int) -> tuple[PredictWithMap, None]:
+def _load_tflite(path: Path, batch_size: int) -> tuple[PredictOutputs, None]:
     import tensorflow as tf
 
     interpreter = tf.lite.Interpreter(model_path=str(path))
@@ -199,7 +215,7 @@ def _load_tflite(path: Path, batch_size: int) -> tuple[PredictWithMap, None]:
     input_index = interpreter.get_input_details()[0]["index"]
     output_indices = [detail["index"] for detail in interpreter.get_output_details()]
 
-    def run(single: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def run(single: np.ndarray) -> ModelOutputs:
         interpreter.set_tensor(input_index, single)
         interpreter.invoke()
         return split_outputs([interpreter.get_tensor(index) for index in output_indices])
@@ -216,7 +232,7 @@ class ExportFormat:
     name: str  # the one name used in params, metadata, the predictor, the CLI and reports
     file_name: str  # file or folder inside models/export/
     write: Callable[[object, Path, SavedModelSource], None]
-    load: Callable[[Path, int], tuple[PredictWithMap, object | None]]  # -> (predict, the keras.Model or None)
+    load: Callable[[Path, int], tuple[PredictOutputs, object | None]]  # -> (predict, the keras.Model or None)
     quantized: bool = False  # checked at export.quantized_tolerance instead of export.float_tolerance
     needs_legacy_h5: bool = False  # only for backbones whose registry entry says legacy_h5
     digest: Callable[[Path], tuple[str, int]] = artifact_digest
@@ -276,11 +292,17 @@ def write_artifacts(model, folder: Path, names: list[str]) -> dict[str, Path]:
 class LoadedExport:
     format: str
     path: Path
-    predict_with_map: PredictWithMap
-    keras_model: object | None = None  # the keras.Model for .keras/.h5 (Grad-CAM); None for graph formats
+    predict_outputs: PredictOutputs
+    keras_model: object | None = None  # the probability alone as a keras.Model for .keras/.h5 (Grad-CAM); None
+    # for graph formats
+
+    def predict_with_map(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities (N,), lesion maps (N, h, w) or None)."""
+        outputs = self.predict_outputs(images)
+        return outputs.scores, outputs.maps
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        return self.predict_with_map(images)[0]
+        return self.predict_outputs(images).scores
 
 
 def open_exported(format_name: str, path: str | Path, batch_size: int = 32) -> LoadedExport:

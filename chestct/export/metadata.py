@@ -11,7 +11,9 @@ the parity check); a 2.0 file reads as one that left nothing out. 2.2 added `sou
 ran from and the registry version that commit carries, chestct.export.provenance); older files read with null.
 2.3 added `lesion_map` (the second output of a lesion-map model: its tensor contract and pooling); older files,
 and models without a map, read with null. 2.4 added `calibration` (the score -> probability map fitted beside the
-threshold, chestct.calibration); older files read as uncalibrated.
+threshold, chestct.calibration); older files read as uncalibrated. 2.5 added `domain` (the feature-distance domain
+check, chestct.feature_domain: its file, digest and cut, with the pooled features as the models' last output);
+older files read with null and are checked by the first layer alone.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from chestct.errors import ChestctError
 from chestct.labels import CLASS_NAMES
 from chestct.params import Params, PreprocessParams, ServeParams
 
-SCHEMA_VERSION = "2.4"
+SCHEMA_VERSION = "2.5"
 METADATA_FILE = "metadata.json"
 # Serving limits that exports written before them lack: such an export gets params.yaml's values at the time.
 SERVE_DEFAULTS = {"max_concurrent": 2, "queue_timeout_s": 10.0, "body_timeout_s": 30.0, "max_connections": 64}
@@ -97,6 +99,19 @@ class LesionMapRecord(_Record):
     pooling: str  # max | top_k | lse over the cells inside the lung fields
 
 
+class DomainRecord(_Record):
+    """The feature-distance domain check (chestct.feature_domain): its fit travels as `file` in the export."""
+
+    file: str
+    sha256: str
+    bytes: int
+    features: TensorContract  # the models' last output
+    cut: float
+    quantile: float
+    fitted_images: int
+    validation_images: int
+
+
 class ExportMetadata(_Record):
     schema_version: str
     model: Literal["chestct"] = "chestct"
@@ -121,6 +136,7 @@ class ExportMetadata(_Record):
     source: ExportSource = ExportSource()  # where the export came from (schema 2.2; older files: unknown)
     lesion_map: LesionMapRecord | None = None  # the model's second output (schema 2.3; None: no map)
     calibration: CalibrationMap = UNCALIBRATED  # score -> probability (schema 2.4; older files: uncalibrated)
+    domain: DomainRecord | None = None  # the feature-distance domain check (schema 2.5; None: first layer only)
     metrics: dict  # headline figures of the evaluate stage (see _summary), for the model card and /model-info
 
     @field_validator("serve", mode="before")
@@ -168,10 +184,12 @@ def _summary(section: dict | None) -> dict | None:
 
 def build_metadata(params: Params, threshold: dict, artifacts: dict[str, dict], skipped: dict[str, str],
                    image_size: int, eval_metrics: dict | None,
-                   left_out: dict[str, dict] | None = None, source: dict | None = None) -> ExportMetadata:
+                   left_out: dict[str, dict] | None = None, source: dict | None = None,
+                   domain: dict | None = None) -> ExportMetadata:
     """The metadata of one export; `threshold` is models/threshold.json as the evaluate stage wrote it,
-    `left_out` the parity reports of the formats removed from the export (chestct.export.parity) and `source`
-    chestct.export.provenance.export_source() (None: unknown)."""
+    `left_out` the parity reports of the formats removed from the export (chestct.export.parity), `source`
+    chestct.export.provenance.export_source() (None: unknown) and `domain` the DomainRecord's fields (None: the
+    export has no feature-distance check)."""
     eval_metrics = eval_metrics or {}
     return ExportMetadata(
         schema_version=SCHEMA_VERSION,
@@ -199,6 +217,7 @@ def build_metadata(params: Params, threshold: dict, artifacts: dict[str, dict], 
         source=ExportSource.model_validate(source or {}),
         lesion_map=_lesion_map_record(params, image_size),
         calibration=CalibrationMap.model_validate(threshold.get("calibration", {})),
+        domain=None if domain is None else DomainRecord.model_validate(domain),
         metrics={name: _summary(eval_metrics.get(name)) for name in ("test", "test_leak_free", "valid")}
         | {"shortcut": eval_metrics.get("shortcut")}
         | ({"out_of_fold": threshold["out_of_fold"]} if "out_of_fold" in threshold else {}),

@@ -172,6 +172,7 @@ Threshold {_fmt(metadata.threshold, 4)} ({metadata.threshold_method}), chosen on
 {metadata.decision}.
 The probability shown is {metadata.calibration.describe()}; on its scale the threshold is
 {_fmt(float(metadata.calibration.apply(metadata.threshold)), 4)}, with the same decisions.
+Domain check: {_domain_line(metadata)}
 
 | split | images | AUC [{level} CI] | sensitivity [{level} CI] | specificity [{level} CI] |
 |---|---|---|---|---|
@@ -199,6 +200,16 @@ images shows reliance on global intensity.
 |---|---|---|---|
 {formats}{skipped}
 """
+
+
+def _domain_line(metadata: ExportMetadata) -> str:
+    first = "every answer says whether the image passed the axial-chest-CT checks (body outline, lung fields)"
+    record = metadata.domain
+    if record is None:
+        return first + "; this export has no feature-distance check (evaluate.domain.enabled was off, or it is older)."
+    return (f"{first} and whether its pooled features lie within distance {_fmt(record.cut, 2)} of the training "
+            f"images' (the {record.quantile:g} quantile of {record.validation_images} validation images). In domain "
+            f"does not mean right: an image like the validation images can still be misread.")
 
 
 def write_model_card(folder: Path, metadata: ExportMetadata, data_metrics: dict | None) -> Path:

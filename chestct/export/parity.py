@@ -7,7 +7,10 @@ registered, a model still in memory) can leak into the result. Float formats mus
 (and, for a model with a lesion map, the Keras lesion map) within `export.float_tolerance` and agree on every
 decision; a quantized one (the registry's `quantized` flag)
 within `export.quantized_tolerance` and on at least `export.min_decision_agreement` of the decisions (the
-decision rule is chestct.decision.decide).
+decision rule is chestct.decision.decide). An export with a feature-distance domain check (chestct.feature_domain)
+gives the pooled features too: a float format's distances must match the Keras model's within DISTANCE_TOLERANCE
+of the cut, and its in/out-of-domain verdicts agree wherever the distance is farther than that from the cut; a
+quantized one's verdicts must agree on at least `export.min_decision_agreement` of the images.
 
 The check measures every format and returns one report each; `formats_to_leave_out` then decides. A float format
 out of tolerance is a conversion bug and fails the export. A quantized one is an optional variant: it is left out
@@ -29,7 +32,14 @@ import numpy as np
 from chestct.decision import decide
 from chestct.errors import ChestctError
 from chestct.export.formats import FORMATS, open_exported
+from chestct.feature_domain import FeatureDomain
 from chestct.params import ExportParams
+
+# Largest |distance - distance_keras| of a float format, as a share of the domain cut: rounding in the features,
+# amplified along their least varying directions (chestct.evaluation.domain.FEATURE_RESOLUTION bounds that). An
+# untrained test model, whose features are rounding-sized differences of large activations, reaches 0.03. A
+# quantized format differs by far more and is judged on its verdicts instead (the decision agreement it must reach).
+DISTANCE_TOLERANCE = 0.05
 
 
 class ExportParityError(ChestctError, RuntimeError):
@@ -51,7 +61,8 @@ def run_in_fresh_process(format_name: str, artifact: Path, images_file: Path, la
                                     + "\n  ".join(tail))
         with np.load(out) as loaded:
             return {"scores": loaded["scores"], "latency_ms": loaded["latency_ms"],
-                    "maps": loaded["maps"] if "maps" in loaded.files else None}
+                    "maps": loaded["maps"] if "maps" in loaded.files else None,
+                    "features": loaded["features"] if "features" in loaded.files else None}
 
 
 def _limits(format_name: str, params: ExportParams) -> dict:
@@ -74,11 +85,37 @@ def _map_difference(reference_maps: np.ndarray | None, maps: np.ndarray | None) 
     return float(np.max(np.abs(maps - reference_maps))) if maps.size else 0.0
 
 
+def _domain_figures(domain: FeatureDomain | None, reference_features: np.ndarray | None,
+                    features: np.ndarray | None, limits: dict) -> tuple[dict, list[str]]:
+    """The feature-distance figures of one format against the Keras model's, and its problems."""
+    if domain is None:
+        return {}, []
+    if reference_features is None or features is None or reference_features.shape != features.shape:
+        return {"max_abs_distance_diff": float("inf"), "domain_agreement": 0.0}, [
+            "the pooled-feature output is missing or of another shape than the Keras model's"]
+    reference, distances = domain.distances(reference_features), domain.distances(features)
+    difference = float(np.max(np.abs(distances - reference))) if len(reference) else 0.0
+    same = (distances <= domain.cut) == (reference <= domain.cut)
+    if not limits["quantized"]:  # a distance within rounding of the cut may fall on either side of it
+        same |= np.abs(reference - domain.cut) <= DISTANCE_TOLERANCE * domain.cut
+    agreement = float(np.mean(same)) if len(reference) else 1.0
+    problems = []
+    if not limits["quantized"] and not difference <= DISTANCE_TOLERANCE * domain.cut:
+        problems.append(f"max |distance - distance_keras| {difference:.4g} > {DISTANCE_TOLERANCE:g} of the domain "
+                        f"cut {domain.cut:.4g}")
+    if agreement < limits["required_agreement"]:
+        problems.append(f"domain-check agreement {agreement:.4f} < {limits['required_agreement']:.4f} "
+                        f"({limits['agreement_param']})")
+    return {"max_abs_distance_diff": difference, "domain_agreement": agreement}, problems
+
+
 def parity_report(reference: np.ndarray, scores: np.ndarray, threshold: float, format_name: str,
                   params: ExportParams, reference_maps: np.ndarray | None = None,
-                  maps: np.ndarray | None = None) -> dict:
-    """One format's figures against the Keras probabilities (and lesion maps), its limits, `passed`, and when it
-    failed the `reason`: each figure out of its limit, with the param that sets the limit."""
+                  maps: np.ndarray | None = None, domain: FeatureDomain | None = None,
+                  reference_features: np.ndarray | None = None, features: np.ndarray | None = None) -> dict:
+    """One format's figures against the Keras probabilities (and lesion maps, and domain distances when the export
+    has a feature domain), its limits, `passed`, and when it failed the `reason`: each figure out of its limit,
+    with the param that sets the limit."""
     limits = _limits(format_name, params)
     max_diff = float(np.max(np.abs(scores - reference))) if len(reference) else 0.0
     agreement = float(np.mean(decide(scores, threshold) == decide(reference, threshold))) if len(reference) else 1.0
@@ -92,9 +129,11 @@ def parity_report(reference: np.ndarray, scores: np.ndarray, threshold: float, f
     if agreement < limits["required_agreement"]:
         problems.append(f"decision agreement {agreement:.4f} < {limits['required_agreement']:.4f} "
                         f"({limits['agreement_param']})")
+    domain_figures, domain_problems = _domain_figures(domain, reference_features, features, limits)
+    problems += domain_problems
     report = {"quantized": limits["quantized"], "max_abs_diff": max_diff, "tolerance": limits["tolerance"],
               "decision_agreement": agreement, "required_agreement": limits["required_agreement"],
-              "passed": not problems}
+              "passed": not problems} | domain_figures
     if map_diff is not None:
         report["max_abs_map_diff"] = map_diff
     if problems:
@@ -111,8 +150,8 @@ def failed_run_report(format_name: str, params: ExportParams, error: str) -> dic
             "reason": one_line}
 
 
-def measure_format(format_name: str, artifact: Path, images_file: Path, reference: np.ndarray, threshold: float,
-                   params: ExportParams, reference_maps: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
+def measure_format(format_name: str, artifact: Path, images_file: Path, reference: dict, threshold: float,
+                   params: ExportParams, domain: FeatureDomain | None = None) -> tuple[dict, np.ndarray]:
     """(parity report, single-image latencies in ms) of one artifact run in a fresh process. An artifact that
     fails to load or run gives a failed report (no latencies) rather than an exception, so every format is
     measured before `formats_to_leave_out` decides."""
@@ -120,7 +159,8 @@ def measure_format(format_name: str, artifact: Path, images_file: Path, referenc
         run = run_in_fresh_process(format_name, artifact, images_file, params.latency_runs)
     except ExportParityError as exc:
         return failed_run_report(format_name, params, str(exc)), np.zeros(0)
-    return (parity_report(reference, run["scores"], threshold, format_name, params, reference_maps, run["maps"]),
+    return (parity_report(reference["scores"], run["scores"], threshold, format_name, params, reference["maps"],
+                          run["maps"], domain, reference["features"], run["features"]),
             run["latency_ms"])
 
 
@@ -175,7 +215,7 @@ def main() -> None:
     images = np.load(args.images)
     loaded = open_exported(args.format, args.artifact)
     predict = loaded.predict
-    scores, maps = loaded.predict_with_map(images)
+    scores, maps, features = loaded.predict_outputs(images)
     single = images[:1]
     predict(single)  # warm-up: graph tracing and allocation are not latency
     timings = []
@@ -183,7 +223,8 @@ def main() -> None:
         started = time.perf_counter()
         predict(single)
         timings.append((time.perf_counter() - started) * 1000.0)
-    np.savez(args.out, scores=scores, latency_ms=np.array(timings), **({} if maps is None else {"maps": maps}))
+    optional = {name: array for name, array in (("maps", maps), ("features", features)) if array is not None}
+    np.savez(args.out, scores=scores, latency_ms=np.array(timings), **optional)
 
 
 if __name__ == "__main__":

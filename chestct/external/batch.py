@@ -67,8 +67,9 @@ def check_csv_target(path: Path) -> None:
                                    f"place")
 
 
-def _scored_row(predictor, path: Path, image: np.ndarray, probability: float, check) -> dict:
-    prediction = predictor.decide(str(path), image, float(probability), domain=check)
+def _scored_row(predictor, path: Path, image: np.ndarray, probability: float, check,
+                distance: float | None) -> dict:
+    prediction = predictor.decide(str(path), image, float(probability), domain=check, distance=distance)
     return {"file": str(path), "probability": prediction.cancer_probability,
             "probability_calibrated": prediction.cancer_probability_calibrated, "diagnosis": prediction.diagnosis,
             "threshold": prediction.threshold, "in_domain": prediction.in_domain,
@@ -91,9 +92,14 @@ def score_inputs(predictor, inputs: Inputs, batch_size: int = 32, progress: bool
 
     def flush() -> None:
         if pending:
-            probabilities = predictor.probabilities(np.stack([image for _, (image, _) in pending]))
-            for (index, (image, check)), probability in zip(pending, probabilities, strict=True):
-                rows[index] = _scored_row(predictor, inputs.files[index], image, probability, check)
+            outputs = predictor.outputs(np.stack([image for _, (image, _) in pending]))
+            distances = predictor.domain_distances(outputs)
+            distances = [None] * len(pending) if distances is None else distances
+            for (index, (image, check)), probability, distance in zip(pending, outputs.scores, distances,
+                                                                      strict=True):
+                refused = predictor.refusal(distance)  # the first layer refused in inspect(), before the model
+                rows[index] = (_error_row(inputs.files[index], refused) if refused else
+                               _scored_row(predictor, inputs.files[index], image, probability, check, distance))
             pending.clear()
 
     for index, path in enumerate(tqdm(inputs.files, desc="scoring", unit="img", disable=not progress)):

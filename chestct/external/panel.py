@@ -103,6 +103,8 @@ def score_labelled(entry: ExternalSetParams, folder: Path, predictor, out_dir: P
     figures = {"kind": entry.kind, "n": metrics["n"], "auc": _round(metrics["auc"]), "auc_ci": metrics["auc_ci"],
                "sensitivity": _round(metrics["sensitivity"]), "sensitivity_ci": metrics["sensitivity_ci"],
                "specificity": _round(metrics["specificity"]), "specificity_ci": metrics["specificity_ci"],
+               "out_of_domain_share": result.report["domain"]["out_of_domain_share"],
+               "in_domain": _selective(result.report["domain"]["selective"]),
                "skipped": result.report["counts"]["skipped"] + result.report["counts"]["unreadable"]}
     return figures, {"report": str(out_dir / "metrics.json")}
 
@@ -132,9 +134,10 @@ def score_normal_only(entry: ExternalSetParams, folder: Path, predictor, out_dir
                "score_mean": _round(scores.mean()),
                **{f"score_p{int(q * 100):02d}": _round(value) for q, value in zip(SCORE_QUANTILES, quantiles,
                                                                                    strict=True)},
-               # The first layer of the domain check (chestct.imaging.domain): the share it flags, and the
-               # specificity on the slices it passes (None when it passes none).
+               # The domain check (chestct.imaging.domain, then the feature distance): the share it flags, and
+               # the specificity on the slices it passes (None when it passes none).
                "out_of_domain_share": _round(1.0 - in_domain.mean()),
+               "coverage": _round(in_domain.mean()),
                "specificity_in_domain": _round(float((decisions[in_domain] == 0).mean())) if in_domain.any() else None,
                "skipped": len(skipped)}
     with atomic_path(out_dir / "scores.csv") as temp, open(temp, "w", newline="", encoding="utf-8") as handle:
@@ -162,6 +165,30 @@ def _within_series(result: SeriesScore, boxed: set[str]) -> dict:
             "lesion_sensitivity": _round(decisions[labels == 1].mean()) if n_boxed else None,
             "other_slices_positive_rate": _round(decisions[labels == 0].mean()) if n_other else None,
             "kernel": result.series.first.kernel, "problems": result.series.problems}
+
+
+def _series_in_domain(results: Sequence[SeriesScore], boxed: set[str]) -> dict:
+    """The series figures on the slices the domain check passes: coverage, the mean within-series AUC over the
+    series that keep boxed and other slices, the lesion sensitivity and the other slices' positive rate."""
+    kept = [SeriesScore(result.series, [item for item in result.slices if item.in_domain]) for result in results]
+    scored = [item for result in results for item in result.slices if item.probability is not None]
+    within = [_within_series(result, boxed) for result in kept]
+    defined = [values["auc"] for values in within if values["auc"] is not None]
+    boxed_kept = [item for result in kept for item in result.slices
+                  if item.probability is not None and item.header.sop_uid in boxed]
+    other_kept = [item for result in kept for item in result.slices
+                  if item.probability is not None and item.header.sop_uid not in boxed]
+    return {"coverage": _round(np.mean([bool(item.in_domain) for item in scored])) if scored else None,
+            "within_series_auc": _round(np.mean(defined)) if defined else None,
+            "lesion_sensitivity": _round(np.mean([item.decision for item in boxed_kept])) if boxed_kept else None,
+            "other_slices_positive_rate": _round(np.mean([item.decision for item in other_kept]))
+            if other_kept else None}
+
+
+def _selective(figures: dict) -> dict:
+    """chestct.evaluation.domain.selective_figures as the panel reports them."""
+    return {"coverage": figures["coverage"], "auc": _round(figures["auc"]),
+            "sensitivity": _round(figures["sensitivity"]), "specificity": _round(figures["specificity"])}
 
 
 def kernel_pairs(results: Sequence[SeriesScore]) -> list[tuple[SeriesScore, SeriesScore, list[tuple]]]:
@@ -337,6 +364,7 @@ def score_annotated_series(entry: ExternalSetParams, folder: Path, predictor, ou
                "in_box_lesion_map_share": attention["in_box_lesion_map_share"],
                "in_box_area_share": attention["in_box_area_share"],
                "out_of_domain_share": _round(np.mean([not item.in_domain for item in scored])),
+               "in_domain": _series_in_domain(results, boxed),
                "skipped": len(skipped)}
     _slices_csv(out_dir / "slices.csv", results, boxed)
     z_profile_png(out_dir / "z_profile.png", results, predictor.threshold, boxed,

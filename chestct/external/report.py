@@ -21,7 +21,8 @@ from chestct.external.records import ExternalFile, ExternalResult
 
 OUTPUT_FILES = {"metrics": "metrics.json", "predictions": "predictions.csv", "roc": "roc.png",
                 "scores": "scores.png", "gradcam": "gradcam_errors.png"}
-CSV_COLUMNS = ("file", "folder", "label", "probability", "decision", "outcome", "copies", "sha256")
+CSV_COLUMNS = ("file", "folder", "label", "probability", "decision", "outcome", "in_domain", "domain_reason", "copies",
+               "sha256")
 _CAPTION_CHARS = 26
 _LISTED = 10  # unreadable and skipped files printed one by one (metrics.json lists them all)
 
@@ -144,6 +145,11 @@ def summary_lines(result: ExternalResult) -> list[str]:
         f"PPV {_value(metrics['ppv'])}  NPV {_value(metrics['npv'])}  DOR {_value(metrics['dor'], 2)}  "
         f"Brier {_value(metrics['brier'])}",
     ]
+    selective = report["domain"]["selective"]
+    lines.append(f"domain check: {report['domain']['out_of_domain_share']:.1%} flagged out of domain; on the "
+                 f"{selective['covered']} left (coverage {_value(selective['coverage'])}): AUC "
+                 f"{_value(selective['auc'])}, sensitivity {_value(selective['sensitivity'])}, specificity "
+                 f"{_value(selective['specificity'])}")
     shortcut_auc, model_auc = shortcut["intensity_std_auc"], shortcut["model_auc"]
     line = f"intensity shortcut AUC {_value(shortcut_auc)}"
     line += f" ({shortcut['folds']}-fold out-of-fold mean/std rule)" if shortcut["folds"] else " (too few images)"

@@ -21,7 +21,7 @@ from chestct.decision import decide
 from chestct.external.series import Series, SliceHeader
 from chestct.external.validation import error_reason
 from chestct.imaging.anatomy import lung_mask
-from chestct.imaging.domain import check_chest_ct
+from chestct.imaging.domain import ChestCheck, check_chest_ct
 
 SERIES_RULE = ("the series' score is the highest slice probability among the slices where lung fields are found "
                "(the maximum over all slices when none shows them); each slice is scored on its own")
@@ -37,7 +37,7 @@ class SliceScore:
     probability: float | None = None
     decision: int | None = None
     in_lungs: bool | None = None
-    in_domain: bool | None = None  # the first layer of the domain check (chestct.imaging.domain)
+    in_domain: bool | None = None  # the domain check: chestct.imaging.domain, then the feature distance
     domain_reason: str | None = None
     error: str | None = None
     image: np.ndarray | None = None  # the model input (S, S, 1), kept when asked for (Grad-CAM, figures)
@@ -108,15 +108,19 @@ def score_series(predictor, series: Sequence[Series], batch_size: int = 32,
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     results = [SeriesScore(item, [SliceScore(header) for header in item.slices]) for item in series]
     everything = [slice_ for result in results for slice_ in result.slices]
-    pending: list[SliceScore] = []
+    pending: list[tuple[SliceScore, ChestCheck]] = []
     pending_images: list[np.ndarray] = []
 
     def flush() -> None:
         if pending:
-            probabilities = predictor.probabilities(np.stack(pending_images))
-            for item, probability in zip(pending, probabilities, strict=True):
+            outputs = predictor.outputs(np.stack(pending_images))
+            distances = predictor.domain_distances(outputs)
+            distances = [None] * len(pending) if distances is None else distances
+            for (item, check), probability, distance in zip(pending, outputs.scores, distances, strict=True):
                 item.probability = float(probability)
                 item.decision = int(decide(item.probability, predictor.threshold))
+                item.domain_reason = predictor.domain_reason(check, distance)
+                item.in_domain = item.domain_reason is None
             pending.clear()
             pending_images.clear()
 
@@ -129,10 +133,9 @@ def score_series(predictor, series: Sequence[Series], batch_size: int = 32,
             continue
         item.in_lungs = bool(lung_mask(gray).any())
         check = check_chest_ct(gray)
-        item.in_domain, item.domain_reason = check.passed, check.reason
         if keep(item.header) if callable(keep) else keep:
             item.image, item.gray = image, gray
-        pending.append(item)
+        pending.append((item, check))
         pending_images.append(image)
         if len(pending) >= batch_size:
             flush()

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from chestct.decision import DECISION_RULE, decide
 from chestct.errors import ChestctError
+from chestct.evaluation.domain import selective_figures
 from chestct.evaluation.metrics import binary_metrics, roc_band
 from chestct.evaluation.shortcuts import fit_shortcut_model, intensity_features
 from chestct.export.metadata import MetadataError, read_metadata
@@ -52,11 +53,12 @@ from chestct.external.records import (
     select_rows,
 )
 from chestct.external.report import OUTPUT_FILES, gradcam_tiles, write_report
-from chestct.imaging.decode import decode_grayscale
+from chestct.imaging.decode import decode_with_colour
+from chestct.imaging.domain import ChestCheck, check_chest_ct
 from chestct.imaging.files import read_image_file, upload_limit_bytes
 from chestct.labels import CLASS_NAMES
 from chestct.params import DEFAULT_PARAMS_FILE, load_params
-from chestct.serving.predictor import Predictor, resolve_export_dir
+from chestct.serving.predictor import Predictor, decode_limits, resolve_export_dir
 
 REPORT_KIND = "chestct external validation"
 DEFAULT_REPORTS_DIR = Path("reports/external")
@@ -91,9 +93,11 @@ class Settings:
 
 @dataclass
 class ScoredContents:
-    """Results per sha256: a probability and the raw intensity (mean, std), or the reason it could not be read."""
+    """Results per sha256: a probability, the domain check's reason (None: in domain) and the raw intensity
+    (mean, std), or the reason it could not be read."""
 
     probability: dict[str, float] = field(default_factory=dict)
+    domain_reason: dict[str, str | None] = field(default_factory=dict)
     intensity: dict[str, tuple[float, float]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
 
@@ -117,15 +121,18 @@ def score_contents(predictor, files: Sequence[ExternalFile], digests: dict[str, 
     computes them.
     """
     result = ScoredContents()
-    pending_digests: list[str] = []
+    pending: list[tuple[str, ChestCheck]] = []
     pending_images: list[np.ndarray] = []
 
     def flush() -> None:
         if pending_images:
-            probabilities = predictor.probabilities(np.stack(pending_images))
-            for digest, probability in zip(pending_digests, probabilities, strict=True):
+            outputs = predictor.outputs(np.stack(pending_images))
+            distances = predictor.domain_distances(outputs)
+            distances = [None] * len(pending) if distances is None else distances
+            for (digest, check), probability, distance in zip(pending, outputs.scores, distances, strict=True):
                 result.probability[digest] = float(probability)
-            pending_digests.clear()
+                result.domain_reason[digest] = predictor.domain_reason(check, distance)
+            pending.clear()
             pending_images.clear()
 
     seen: set[str] = set()
@@ -137,15 +144,14 @@ def score_contents(predictor, files: Sequence[ExternalFile], digests: dict[str, 
         seen.add(digest)
         try:
             data = read_image_file(item.path, item.relative, max_bytes)  # regular files only, bounded
-            image = predictor.prepare(data, item.relative)
-            gray = decode_grayscale(data, item.relative, max_pixels=predictor.serve_params.max_pixels,
-                                    dicom_window=predictor.serve_params.dicom_window)
+            gray, colour = decode_with_colour(data, item.relative, **decode_limits(predictor.serve_params))
+            image = predictor.prepare_decoded(gray)
         except Exception as exc:  # noqa: BLE001  (one bad file never stops the run: it is reported)
             result.errors[digest] = error_reason(exc, item.relative)
             continue
         mean, std = intensity_features([gray])[0]
         result.intensity[digest] = (float(mean), float(std))
-        pending_digests.append(digest)
+        pending.append((digest, check_chest_ct(gray, colour)))
         pending_images.append(image)
         if len(pending_images) >= batch_size:
             flush()
@@ -308,6 +314,13 @@ def evaluate_external(data_dir: str | Path, label_map_entries: Sequence[str], ex
                     level=settings.confidence_level)
     features = np.array([scored.intensity[digests[item.relative]] for item in rows], dtype=np.float64)
     shortcut = out_of_fold_shortcut(features, labels, settings.seed)
+    reasons = [scored.domain_reason[digests[item.relative]] for item in rows]
+    in_domain = np.array([reason is None for reason in reasons], bool)
+    domain = {"out_of_domain_share": round(float(1.0 - in_domain.mean()), 4),
+              "feature_distance": predictor.domain is not None,
+              # What abstaining on the flagged images buys: the figures on the images left in domain.
+              "selective": selective_figures(labels, scores, threshold, in_domain, settings.confidence_level,
+                                             settings.bootstrap_resamples, settings.seed)}
 
     copies = defaultdict(int)
     for item in readable:
@@ -315,6 +328,7 @@ def evaluate_external(data_dir: str | Path, label_map_entries: Sequence[str], ex
     table = [{"file": item.relative, "folder": item.folder, "label": item.label,
               "probability": scores[index], "decision": int(decisions[index]),
               "outcome": _outcome(item.label, int(decisions[index])),
+              "in_domain": bool(in_domain[index]), "domain_reason": reasons[index] or "",
               "copies": copies[digests[item.relative]], "sha256": digests[item.relative]}
              for index, item in enumerate(rows)]
 
@@ -345,6 +359,7 @@ def evaluate_external(data_dir: str | Path, label_map_entries: Sequence[str], ex
                    "scored_by_class": {name: int((labels == label).sum()) for label, name in enumerate(CLASS_NAMES)},
                    "duplicate_copies_left_out": copies_left_out, "conflicting_files_left_out": conflicting_left_out},
         "metrics": metrics,
+        "domain": domain,
         "shortcut": {"model_auc": metrics["auc"], **shortcut},
         "unreadable": unreadable,
         "skipped": found.skipped,

@@ -6,6 +6,10 @@ that belong to *these* weights, so nothing is hard-coded and nothing comes from 
 formats in order (the export-format registry's order by default) and keeps the first that loads and whose sha256
 matches the metadata, logging why each earlier one was passed over. Images go through the very
 `chestct.imaging.preprocess.preprocess_image` the pipeline cached its arrays with.
+
+Every answer carries the domain check: the first layer (chestct.imaging.domain) on the decoded image, and, for an
+export with a feature domain (schema 2.5), the distance of the model's pooled features from the training images
+(chestct.feature_domain), read from the same forward pass that gives the probability.
 """
 
 from __future__ import annotations
@@ -20,8 +24,17 @@ import numpy as np
 
 from chestct.decision import decide
 from chestct.errors import ChestctError
-from chestct.export.formats import FORMAT_ORDER, FORMATS, ExportedModelError, LoadedExport, open_exported
+from chestct.export.formats import (
+    FORMAT_ORDER,
+    FORMATS,
+    ExportedModelError,
+    LoadedExport,
+    ModelOutputs,
+    artifact_digest,
+    open_exported,
+)
 from chestct.export.metadata import METADATA_FILE, ExportMetadata, MetadataError, read_metadata
+from chestct.feature_domain import FeatureDomain, FeatureDomainError, load_feature_domain
 from chestct.imaging.decode import decode_grayscale, decode_with_colour
 from chestct.imaging.domain import ChestCheck, check_chest_ct
 from chestct.imaging.errors import OutOfDomainError
@@ -142,6 +155,24 @@ def load_export_metadata(export_dir: Path) -> ExportMetadata:
         raise ModelUnavailableError(str(exc)) from None
 
 
+def load_domain(export_dir: Path, metadata: ExportMetadata) -> FeatureDomain | None:
+    """The export's feature domain, checked against its digest in metadata.json; None for an export without one."""
+    record = metadata.domain
+    if record is None:
+        return None
+    path = export_dir / record.file
+    if not path.is_file():
+        raise ModelUnavailableError(f"{path} not found, but metadata.json names it (the feature-distance domain "
+                                    f"check); rerun `dvc repro export`")
+    if artifact_digest(path)[0] != record.sha256:
+        raise ModelUnavailableError(f"sha256 of {path.name} differs from metadata.json (the file changed after "
+                                    f"export); rerun `dvc repro export`")
+    try:
+        return load_feature_domain(path)
+    except FeatureDomainError as exc:
+        raise ModelUnavailableError(str(exc)) from None
+
+
 class Predictor:
     """Loads one exported model once; `predict` is safe to call from several threads (calls are serialised)."""
 
@@ -156,6 +187,7 @@ class Predictor:
                                      else refuse_out_of_domain)
         self.threshold = self.metadata.threshold
         self.calibration = self.metadata.calibration  # uncalibrated for exports older than schema 2.4
+        self.domain = load_domain(self.export_dir, self.metadata)  # None for exports older than schema 2.5
         self.load_report: list[str] = []  # one line per format tried, in order
         requested = formats or (parse_format_order(os.environ[FORMATS_ENV]) if os.environ.get(FORMATS_ENV) else None)
         self._model = self._load_first(formats_to_try(self.metadata, requested))
@@ -240,15 +272,37 @@ class Predictor:
         """Cancer probabilities (N,) for prepared images (N, S, S, 1) uint8."""
         return self.probabilities_and_maps(images)[0]
 
+    def outputs(self, images: np.ndarray) -> ModelOutputs:
+        """Everything one forward pass gives for prepared images (N, S, S, 1) uint8: probabilities, lesion maps
+        as the model gives them (N, h, w) or None, pooled features or None."""
+        with self._lock:
+            return self._model.predict_outputs(np.ascontiguousarray(images, dtype=np.uint8))
+
     def probabilities_and_maps(self, images: np.ndarray, at_input_size: bool = True
                                ) -> tuple[np.ndarray, np.ndarray | None]:
         """(Cancer probabilities (N,), lesion maps in [0, 1] or None for a model without one), from one forward
         pass; the maps at the input's size (N, S, S), or as the model gives them (N, h, w)."""
-        with self._lock:
-            probabilities, maps = self._model.predict_with_map(np.ascontiguousarray(images, dtype=np.uint8))
+        probabilities, maps, _ = self.outputs(images)
         if maps is None or not at_input_size:
             return probabilities, maps
         return probabilities, upsample_maps(maps, self.image_size)
+
+    def domain_distances(self, outputs: ModelOutputs) -> np.ndarray | None:
+        """The feature distance of each image (N,), or None for an export without a feature domain."""
+        if self.domain is None:
+            return None
+        if outputs.features is None:
+            raise ModelUnavailableError(f"the {self.format} model gives no pooled features, but the export has a "
+                                        f"feature domain; rerun `dvc repro export`")
+        return self.domain.distances(outputs.features)
+
+    def domain_reason(self, check: ChestCheck | None, distance: float | None) -> str | None:
+        """Why an image is out of domain: the first layer's reason first, then the feature distance; None: in."""
+        if check is not None and not check.passed:
+            return check.reason
+        if distance is None or self.domain is None:
+            return None
+        return self.domain.reason(distance)
 
     def heatmaps(self, images: np.ndarray) -> np.ndarray:
         """Grad-CAM maps (N, S, S) in [0, 1]; only for the Keras formats."""
@@ -260,9 +314,16 @@ class Predictor:
         with self._lock:
             return gradcam(self._model.keras_model, images)
 
+    def refusal(self, distance: float | None) -> str | None:
+        """"not scored, <reason>" when this predictor refuses out-of-domain images and the feature distance puts
+        this one out; None otherwise."""
+        reason = self.domain_reason(None, distance) if self.refuse_out_of_domain else None
+        return None if reason is None else f"not scored, {reason}"
+
     def decide(self, filename: str, image: np.ndarray, probability: float,
                heatmap: np.ndarray | None = None, lesion_map: np.ndarray | None = None,
-               domain: ChestCheck | None = None) -> Prediction:
+               domain: ChestCheck | None = None, distance: float | None = None) -> Prediction:
+        reason = self.domain_reason(domain, distance)
         is_cancer = bool(decide(probability, self.threshold))  # on the score: calibration changes no decision
         calibrated = float(self.calibration.apply(probability))
         return Prediction(filename=filename, diagnosis=CLASS_NAMES[int(is_cancer)],
@@ -271,8 +332,7 @@ class Predictor:
                           threshold=self.threshold, threshold_calibrated=float(self.calibration.apply(self.threshold)),
                           calibration=self.calibration.describe(), model_format=self.format,
                           model_sha256=self.sha256, model_input=image, heatmap=heatmap, lesion_map=lesion_map,
-                          in_domain=domain is None or domain.passed,
-                          domain_reason=None if domain is None else domain.reason)
+                          in_domain=reason is None, domain_reason=reason)
 
     def predict(self, sources: list[tuple[str, bytes | str | Path]], gradcam: bool = False) -> list[Prediction]:
         """Predict (name, bytes-or-path) pairs. Every input is decoded (and checked) first, so a bad file fails
@@ -281,12 +341,18 @@ class Predictor:
             return []
         inspected = [self.inspect(source, name) for name, source in sources]
         images = np.stack([image for image, _ in inspected])
-        probabilities, lesion_maps = self.probabilities_and_maps(images)
+        outputs = self.outputs(images)
+        distances = self.domain_distances(outputs)
+        distances = [None] * len(images) if distances is None else distances
+        for (name, source), distance in zip(sources, distances, strict=True):
+            if refused := self.refusal(distance):  # the first layer refused in inspect(), before any model work
+                raise OutOfDomainError(f"{name or source}: {refused}")
         maps = self.heatmaps(images) if gradcam and self.gradcam_available else [None] * len(images)
-        lesion_maps = [None] * len(images) if lesion_maps is None else lesion_maps
-        return [self.decide(name, image, probability, heatmap, lesion_map, check)
-                for (name, _), (image, check), probability, heatmap, lesion_map
-                in zip(sources, inspected, probabilities, maps, lesion_maps, strict=True)]
+        lesion_maps = ([None] * len(images) if outputs.maps is None
+                       else upsample_maps(outputs.maps, self.image_size))
+        return [self.decide(name, image, probability, heatmap, lesion_map, check, distance)
+                for (name, _), (image, check), probability, heatmap, lesion_map, distance
+                in zip(sources, inspected, outputs.scores, maps, lesion_maps, distances, strict=True)]
 
     def predict_file(self, path: str | Path, gradcam: bool = False) -> Prediction:
         return self.predict([(str(path), path)], gradcam=gradcam)[0]
@@ -299,6 +365,8 @@ class Predictor:
                 "threshold_chosen_on": self.metadata.threshold_chosen_on,
                 "calibration": self.calibration.model_dump(mode="json", exclude_none=True)
                 | {"description": self.calibration.describe()},
+                "domain": {"feature_distance": None if self.domain is None else self.domain.describe(),
+                           "refuse_out_of_domain": self.refuse_out_of_domain},
                 "image_size": self.image_size, "gradcam_available": self.gradcam_available,
                 "lesion_map": (None if self.metadata.lesion_map is None
                                else self.metadata.lesion_map.model_dump(mode="json")),
