@@ -60,6 +60,15 @@ FIGURES = [
     ("test ECE, temperature", "eval", "calibration.methods.temperature.ece"),
     ("test ECE, platt", "eval", "calibration.methods.platt.ece"),
     ("test ECE, isotonic", "eval", "calibration.methods.isotonic.ece"),
+    ("domain: feature-distance cut", "eval", "domain.cut"),
+    ("domain: test flagged out of domain", "eval", "domain.test_out_of_domain_share"),
+    ("domain: test flagged, not a chest CT slice", "eval", "domain.test_not_chest_share"),
+    ("domain: test flagged, unlike training", "eval", "domain.test_unlike_training_share"),
+    ("domain: validation flagged out of domain", "eval", "domain.valid_out_of_domain_share"),
+    ("domain: test coverage", "eval", "domain.selective.test.coverage"),
+    ("domain: test AUC in domain", "eval", "domain.selective.test.auc"),
+    ("domain: test sensitivity in domain", "eval", "domain.selective.test.sensitivity"),
+    ("domain: test specificity in domain", "eval", "domain.selective.test.specificity"),
 ]
 
 

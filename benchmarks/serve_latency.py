@@ -7,7 +7,10 @@ Without --export-dir it builds an export of the default configuration (params.ya
 size) with random weights in a temporary folder: latency does not depend on what the weights learned. For each
 format it starts `chestct serve` in its own process with that format only, posts the same image `--requests`
 times one after another (after 3 warm-up requests) and reports the wall time per request as the client sees it
-(upload, decoding, preprocessing, inference, JSON), then the same through `Predictor` without HTTP.
+(upload, decoding, preprocessing, inference, JSON), then the same through `Predictor` without HTTP, and in
+process once more without the domain check (decoding, preprocessing, the forward pass and the decision alone):
+the last column is what the check (chestct.imaging.domain and the feature distance) adds. The default export
+carries a feature domain fitted on phantoms, as a pipeline export does.
 Figures are printed, never asserted: timings on a shared machine are noisy, compare ratios within one run.
 """
 
@@ -27,12 +30,16 @@ import numpy as np
 def _default_export(folder: Path) -> Path:
     import keras
 
+    from chestct.evaluation.features import with_features
     from chestct.evaluation.thresholds import threshold_record
     from chestct.export.formats import planned_formats, write_artifacts
     from chestct.export.writer import write_metadata_files
+    from chestct.feature_domain import DOMAIN_FILE
+    from chestct.imaging.preprocess import preprocess_gray
     from chestct.params import load_params
     from chestct.training.backbones import backbone_spec
     from chestct.training.model import build_model
+    from tests.serving_support import phantom_images, tiny_domain
 
     params = load_params()
     params = params.model_copy(update={"model": params.model.model_copy(update={"weights": None})})
@@ -41,9 +48,15 @@ def _default_export(folder: Path) -> Path:
     keras.utils.set_random_seed(0)
     backbone = backbone_spec(params.model.backbone)
     formats, skipped = planned_formats(params.export.formats, backbone.legacy_h5, backbone.name)
-    paths = write_artifacts(build_model(params.model, size), folder, formats)
+    model = build_model(params.model, size)
+    phantoms = phantom_images(12)
+    images = np.stack([preprocess_gray(gray, params.preprocess) for _, gray in phantoms])
+    domain = tiny_domain(model, params, images, np.array([label for label, _ in phantoms]))
+    paths = write_artifacts(with_features(model), folder, formats)
+    domain.save(folder / DOMAIN_FILE)
     threshold = threshold_record({"threshold": 0.5, "method": "fixed", "chosen_on": "none (benchmark)"}, params)
-    write_metadata_files(folder, params, threshold, paths, skipped, size, None, None)
+    write_metadata_files(folder, params, threshold, paths, skipped, size, None, None,
+                         domain=(folder / DOMAIN_FILE, domain))
     return folder
 
 
@@ -97,17 +110,27 @@ def _http_latencies(export_dir: Path, format_name: str, image: bytes, requests: 
         server.wait(timeout=30)
 
 
-def _direct_latencies(export_dir: Path, format_name: str, image: bytes, requests: int) -> list[float]:
+def _direct_latencies(export_dir: Path, format_name: str, image: bytes, requests: int) -> tuple[list, list]:
+    """In-process latencies of `Predictor.predict`, and of the same work without the domain check, alternated
+    request by request so that both see the same machine."""
     from chestct.serving.predictor import Predictor
 
     predictor = Predictor(export_dir, formats=(format_name,))
-    timings = []
+
+    def without_domain_check() -> None:
+        model_input = predictor.prepare(image, "scan.png")
+        outputs = predictor.outputs(model_input[None])
+        predictor.decide("scan.png", model_input, float(outputs.scores[0]))
+
+    checked, unchecked = [], []
     for index in range(requests + 3):
-        started = time.perf_counter()
-        predictor.predict([("scan.png", image)])
-        if index >= 3:
-            timings.append((time.perf_counter() - started) * 1000)
-    return timings
+        for timings, run in ((checked, lambda: predictor.predict([("scan.png", image)])),
+                             (unchecked, without_domain_check)):
+            started = time.perf_counter()
+            run()
+            if index >= 3:
+                timings.append((time.perf_counter() - started) * 1000)
+    return checked, unchecked
 
 
 def main() -> None:
@@ -127,11 +150,15 @@ def main() -> None:
         image = args.image.read_bytes() if args.image else _phantom_png()
         print(f"\n{metadata['backbone']} at {metadata['input']['shape'][0]} px, {len(image) / 1e3:.0f} KB image, "
               f"{args.requests} sequential single-image requests per format\n")
-        print(f"{'format':<16}{'HTTP p50 ms':>12}{'HTTP p95 ms':>12}{'direct p50':>12}{'direct p95':>12}")
+        print(f"domain check: {'first layer and feature distance' if metadata.get('domain') else 'first layer only'}")
+        print(f"{'format':<16}{'HTTP p50 ms':>12}{'HTTP p95 ms':>12}{'direct p50':>12}{'direct p95':>12}"
+              f"{'unchecked p50':>15}{'check adds':>12}")
         for name in formats:
             http_p50, http_p95 = _percentiles(_http_latencies(export_dir, name, image, args.requests))
-            direct_p50, direct_p95 = _percentiles(_direct_latencies(export_dir, name, image, args.requests))
-            print(f"{name:<16}{http_p50:>12.1f}{http_p95:>12.1f}{direct_p50:>12.1f}{direct_p95:>12.1f}", flush=True)
+            checked, unchecked = _direct_latencies(export_dir, name, image, args.requests)
+            (direct_p50, direct_p95), (bare_p50, _) = _percentiles(checked), _percentiles(unchecked)
+            print(f"{name:<16}{http_p50:>12.1f}{http_p95:>12.1f}{direct_p50:>12.1f}{direct_p95:>12.1f}"
+                  f"{bare_p50:>15.1f}{(direct_p50 / bare_p50 - 1):>12.1%}", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,13 +29,16 @@ from tests.serving_support import phantom_images, png_bytes
 def export_copy(export_dir: Path, target: Path, formats: tuple[str, ...] = ("keras",),
                 serve_changes: dict | None = None, drop_serve_keys: tuple[str, ...] = (),
                 schema_version: str | None = None) -> Path:
-    """A new export folder with `export_dir`'s artifacts for `formats` (symlinked) and its metadata edited:
+    """A new export folder with `export_dir`'s artifacts for `formats` and its domain file (symlinked) and its
+    metadata edited:
     serve params changed or removed, another schema version."""
     metadata = json.loads((export_dir / "metadata.json").read_text())
     target.mkdir(parents=True)
     for name in formats:
         artifact = metadata["artifacts"][name]["file"]
         (target / artifact).symlink_to(export_dir / artifact)
+    if metadata.get("domain"):  # the feature-distance domain check's fit travels with the artifacts
+        (target / metadata["domain"]["file"]).symlink_to(export_dir / metadata["domain"]["file"])
     serve = metadata["serve"] | (serve_changes or {})
     metadata["serve"] = {key: value for key, value in serve.items() if key not in drop_serve_keys}
     metadata["schema_version"] = schema_version or metadata["schema_version"]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
+from chestct.feature_domain import save_disabled
 from chestct.imaging.processed import save_processed
 from tests.conftest import PROJECT_ROOT
 
@@ -38,6 +39,7 @@ def _workspace(root: Path, require_all: bool, formats: list[str] = FORMATS) -> P
     record = threshold_record({"threshold": float(np.median(probabilities)), "method": "fixed"},
                               load_params(root / "params.yaml"))
     (root / "models/threshold.json").write_text(json.dumps(record))
+    save_disabled(root / "models/domain.npz", "not under test here")  # as evaluate writes it with the layer off
     count = len(images)
     save_processed(root / "data/processed", {"test": {
         "images": images, "labels": np.arange(count) % 2,
