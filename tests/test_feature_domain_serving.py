@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 from chestct.feature_domain import DOMAIN_FILE
 from chestct.imaging.errors import OutOfDomainError
 from chestct.serving.predictor import ModelUnavailableError, Predictor
-from tests.serving_support import FORMATS, SIZE, build_tiny_export, phantom_images, png_bytes, serving_params
+from tests.serving_support import phantom_images, png_bytes
 
 
 @pytest.fixture(scope="module")
@@ -22,34 +21,22 @@ def scans() -> list[tuple[str, bytes]]:
 
 @pytest.fixture()
 def strict_cut():
-    """Lower a loaded predictor's cut below every distance for one test (every image then unlike training)."""
+    """Lower a loaded predictor's cut below every distance for one test (every image then unlike training);
+    its cut and its refusal setting are restored after the test."""
     changed = []
 
     def lower(predictor: Predictor) -> Predictor:
-        changed.append((predictor, predictor.domain))
+        changed.append((predictor, predictor.domain, predictor.refuse_out_of_domain))
         predictor.domain = dataclasses.replace(predictor.domain, cut=0.0)
         return predictor
 
     yield lower
-    for predictor, domain in changed:
-        predictor.domain = domain
+    for predictor, domain, refuse in changed:
+        predictor.domain, predictor.refuse_out_of_domain = domain, refuse
 
 
-def test_every_format_gives_the_features_and_the_same_distances(tiny_export, scans):
-    metadata = json.loads((tiny_export / "metadata.json").read_text())
-    assert metadata["domain"]["file"] == DOMAIN_FILE and metadata["domain"]["features"]["shape"] == [1024]
-    distances = {}
-    for name in FORMATS:
-        predictor = Predictor(tiny_export, formats=(name,))
-        images = np.stack([predictor.prepare(data, filename) for filename, data in scans])
-        distances[name] = predictor.domain_distances(predictor.outputs(images))
-        assert all(prediction.in_domain for prediction in predictor.predict(scans))
-    for name in FORMATS:
-        assert distances[name] == pytest.approx(distances["keras"], rel=1e-3), name
-
-
-def test_an_image_unlike_training_is_answered_with_its_distance_or_refused(tiny_export, scans, strict_cut):
-    predictor = strict_cut(Predictor(tiny_export))
+def test_an_image_unlike_training_is_answered_with_its_distance_or_refused(client, scans, strict_cut):
+    predictor = strict_cut(client.app.state.predictor)
     (answer,) = predictor.predict(scans[:1])
     assert answer.in_domain is False
     assert answer.domain_reason.startswith("unlike the training images (distance ")
@@ -71,12 +58,12 @@ def test_the_service_answers_with_the_feature_verdict(client, scans, strict_cut)
                for result in response.json()["results"])
 
 
-def test_the_batch_csv_carries_the_feature_verdict(tiny_export, scans, strict_cut, tmp_path):
+def test_the_batch_csv_carries_the_feature_verdict(client, scans, strict_cut, tmp_path):
     from chestct.external.batch import list_inputs, score_inputs
 
     for name, data in scans:
         (tmp_path / name).write_bytes(data)
-    predictor = strict_cut(Predictor(tiny_export))
+    predictor = strict_cut(client.app.state.predictor)
     rows = score_inputs(predictor, list_inputs([tmp_path]), batch_size=3, progress=False)
     assert [row["in_domain"] for row in rows] == [False] * len(scans)
     assert all(row["domain_reason"].startswith("unlike the training images") for row in rows)
@@ -84,19 +71,6 @@ def test_the_batch_csv_carries_the_feature_verdict(tiny_export, scans, strict_cu
     refused = score_inputs(predictor, list_inputs([tmp_path]), batch_size=3, progress=False)
     assert all(row["error"].startswith("not scored, unlike the training images") and row["probability"] == ""
                for row in refused)
-
-
-def test_an_export_without_a_feature_domain_is_checked_by_the_first_layer_alone(tmp_path, default_params, scans):
-    older = build_tiny_export(tmp_path / "older", default_params, formats=("keras", "tflite_float32"),
-                              with_domain=False)
-    metadata = json.loads((older / "metadata.json").read_text())
-    metadata.pop("domain")
-    metadata["schema_version"] = "2.4"
-    (older / "metadata.json").write_text(json.dumps(metadata))
-    for name in ("keras", "tflite_float32"):
-        predictor = Predictor(older, formats=(name,))
-        assert predictor.domain is None and predictor.info()["domain"]["feature_distance"] is None
-        assert all(answer.in_domain and answer.domain_reason is None for answer in predictor.predict(scans))
 
 
 def test_a_changed_or_missing_domain_file_is_refused_naming_it(tiny_export, tmp_path):
@@ -110,24 +84,17 @@ def test_a_changed_or_missing_domain_file_is_refused_naming_it(tiny_export, tmp_
         Predictor(export)
 
 
-def test_phantoms_stored_another_way_are_caught_more_often_than_held_out_phantoms(default_params):
+def test_phantoms_stored_another_way_are_caught_more_often_than_held_out_phantoms(client):
     """The issue's probe: phantoms shifted in storage (another window and noise) are farther from the training
     phantoms in the model's own features than held-out phantoms stored as in training."""
-    import keras
-
     from chestct.evaluation.domain import fit_feature_domain
-    from chestct.evaluation.features import predict_features
-    from chestct.imaging.preprocess import preprocess_gray
-    from chestct.training.model import build_model
 
-    params = serving_params(default_params)
-    keras.utils.set_random_seed(3)
-    model = build_model(params.model, SIZE)
+    predictor = client.app.state.predictor  # the tiny export's model (random DenseNet121 at 64 px)
 
     def features(pairs, restore=lambda gray, rng: gray):
         rng = np.random.default_rng(11)
-        images = np.stack([preprocess_gray(restore(gray, rng), params.preprocess) for _, gray in pairs])
-        return predict_features(model, images, 16), np.array([label for label, _ in pairs])
+        images = np.stack([predictor.prepare_decoded(restore(gray, rng)) for _, gray in pairs])
+        return predictor.outputs(images).features, np.array([label for label, _ in pairs])
 
     def stored_another_way(gray, rng):  # a narrower window (contrast stretched about mid-grey) and noise
         stretched = (gray.astype(np.float64) - 128.0) * 1.8 + 150.0

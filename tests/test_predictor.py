@@ -12,6 +12,7 @@ import threading
 import numpy as np
 import pytest
 
+from chestct.feature_domain import DOMAIN_FILE
 from chestct.imaging.errors import CorruptImageError, ImageDecodeError
 from chestct.imaging.preprocess import preprocess_gray
 from chestct.serving.predictor import ModelUnavailableError, Predictor, parse_format_order
@@ -120,12 +121,17 @@ def test_predictions_follow_the_stored_threshold(predictor, phantoms):
 
 
 def test_an_export_older_than_calibration_loads_uncalibrated_and_says_so(tiny_export, tmp_path, phantoms):
+    """Schema 2.3: no calibration map, and no feature domain (checked by the first layer of the domain check
+    alone; the model's extra feature output is read and ignored)."""
     older = tmp_path / "export"
-    shutil.copytree(tiny_export, older)
+    shutil.copytree(tiny_export, older, ignore=shutil.ignore_patterns(DOMAIN_FILE))
     raw = json.loads((older / "metadata.json").read_text())
     raw.pop("calibration")
+    raw.pop("domain")
     (older / "metadata.json").write_text(json.dumps({**raw, "schema_version": "2.3"}))
     predictor = Predictor(older)
+    assert predictor.domain is None and predictor.info()["domain"]["feature_distance"] is None
+    assert all(answer.in_domain and answer.domain_reason is None for answer in predictor.predict(phantoms))
     assert not predictor.calibration.calibrated
     prediction = predictor.predict(phantoms[:1])[0]
     assert prediction.cancer_probability_calibrated == prediction.cancer_probability
@@ -137,9 +143,15 @@ def test_an_export_older_than_calibration_loads_uncalibrated_and_says_so(tiny_ex
 @pytest.mark.parametrize("format_name", FORMATS[1:])
 def test_every_format_gives_the_same_probabilities_and_decisions(predictor, tiny_export, phantoms, format_name):
     reference = predictor.predict(phantoms)
-    other = Predictor(tiny_export, formats=(format_name,)).predict(phantoms)
+    loaded = Predictor(tiny_export, formats=(format_name,))
+    other = loaded.predict(phantoms)
     np.testing.assert_allclose([p.cancer_probability for p in other], [p.cancer_probability for p in reference],
                                atol=1e-5)
+    # The feature-distance domain check: the format gives the pooled features, and the same distances.
+    images = np.stack([predictor.prepare(data, name) for name, data in phantoms])
+    np.testing.assert_allclose(loaded.domain_distances(loaded.outputs(images)),
+                               predictor.domain_distances(predictor.outputs(images)), rtol=1e-3)
+    assert all(p.in_domain for p in other)
     np.testing.assert_allclose([p.cancer_probability_calibrated for p in other],
                                [p.cancer_probability_calibrated for p in reference], atol=1e-4)
     assert [p.diagnosis for p in other] == [p.diagnosis for p in reference]
