@@ -458,6 +458,10 @@ class ServeParams(Section):
     queue_timeout_s: Annotated[float, Field(ge=0.0)]
     body_timeout_s: Annotated[float, Field(gt=0.0)]
     max_connections: PositiveInt
+    # A connection whose request headers are not complete this long after it opened (or after its last response)
+    # gets 408 and is closed; one address holds at most max_connections_per_client (chestct.serving.connection_guard).
+    header_timeout_s: Annotated[float, Field(gt=0.0)] = 10.0
+    max_connections_per_client: PositiveInt = 16
     refuse_out_of_domain: bool = False  # true: an image the domain check refuses gets 422, not a flagged answer
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from chestct.export.metadata import SERVE_DEFAULTS
 from chestct.serving.app import create_app, without_server_paths
@@ -334,7 +335,10 @@ def test_an_export_without_the_newer_serve_limits_loads_with_the_defaults(tiny_e
 
 def test_uvicorn_limits_come_from_the_export(tiny_export, tmp_path):
     tight = export_copy(tiny_export, tmp_path / "tight", serve_changes={"max_connections": 7})
-    assert uvicorn_limits(tight) == {"limit_concurrency": 7, "timeout_keep_alive": 5}
+    options = uvicorn_limits(tight)
+    assert {key: options[key] for key in ("limit_concurrency", "timeout_keep_alive")} == {
+        "limit_concurrency": 7, "timeout_keep_alive": 5}
+    assert issubclass(options["http"], H11Protocol)  # with the header deadline and the per-client cap
     assert uvicorn_limits(tmp_path / "nothing-here")["limit_concurrency"] == SERVE_DEFAULTS["max_connections"]
 
 
@@ -349,6 +353,7 @@ def test_chestct_serve_passes_the_connection_limits_to_uvicorn(tiny_export, tmp_
     main(["serve", "--export-dir", str(tight), "--port", "8123"])
     (options,) = calls
     assert options["limit_concurrency"] == 9 and options["timeout_keep_alive"] == 5 and options["port"] == 8123
+    assert issubclass(options["http"], H11Protocol)
 
 
 def test_an_image_that_is_not_a_chest_ct_is_answered_with_a_warning_or_refused(client, tiny_export, scan, tmp_path):

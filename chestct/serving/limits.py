@@ -2,7 +2,8 @@
 
 Decoding and prediction run in at most serve.max_concurrent requests at once (PredictionSlots); a request waits up
 to serve.queue_timeout_s for a slot, then ServerBusyError (503 with Retry-After). `chestct serve` passes
-uvicorn_limits() to uvicorn: at most serve.max_connections open connections, idle keep-alive closed quickly.
+uvicorn_limits() to uvicorn: at most serve.max_connections open connections, idle keep-alive closed quickly, and
+its HTTP protocol with a header deadline and a per-client cap (chestct.serving.connection_guard).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import anyio
 
 from chestct.export.metadata import SERVE_DEFAULTS
+from chestct.serving.connection_guard import guarded_protocol
 from chestct.serving.predictor import ModelUnavailableError, load_export_metadata, resolve_export_dir
 
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this long (uvicorn's default, set explicitly)
@@ -60,9 +62,11 @@ class PredictionSlots:
 def uvicorn_limits(export_dir: str | Path | None = None) -> dict:
     """uvicorn's connection options from the export's serve params (what `chestct serve` passes): at most
     serve.max_connections open connections (uvicorn answers 503 beyond), idle keep-alive closed after
-    KEEP_ALIVE_S. Without a readable export the service only answers 503s: the defaults then apply."""
+    KEEP_ALIVE_S, and as `http` its h11 protocol with serve.header_timeout_s and serve.max_connections_per_client.
+    Without a readable export the service only answers 503s: the defaults then apply."""
     try:
-        max_connections = load_export_metadata(resolve_export_dir(export_dir)).serve.max_connections
+        serve = load_export_metadata(resolve_export_dir(export_dir)).serve.model_dump()
     except ModelUnavailableError:
-        max_connections = SERVE_DEFAULTS["max_connections"]
-    return {"limit_concurrency": max_connections, "timeout_keep_alive": KEEP_ALIVE_S}
+        serve = SERVE_DEFAULTS
+    return {"limit_concurrency": serve["max_connections"], "timeout_keep_alive": KEEP_ALIVE_S,
+            "http": guarded_protocol(serve["header_timeout_s"], serve["max_connections_per_client"])}
