@@ -264,15 +264,14 @@ def _predict_to_csv(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
     from chestct.serving.app import create_app  # the web app, only when serving
     from chestct.serving.limits import uvicorn_limits
+    from chestct.serving.shutdown import serve_until_stopped
 
     export_dir = _export_dir(args)
     app = create_app(export_dir, _format_order(args))
-    # Connection limits come from the export's serve params, like the upload and concurrency limits.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", **uvicorn_limits(export_dir))
+    # Connection limits and the shutdown grace come from the export's serve params, like the upload limits.
+    serve_until_stopped(app, host=args.host, port=args.port, log_level="info", **uvicorn_limits(export_dir))
 
 
 def _evaluate_external(args: argparse.Namespace) -> None:

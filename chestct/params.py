@@ -462,6 +462,8 @@ class ServeParams(Section):
     # gets 408 and is closed; one address holds at most max_connections_per_client (chestct.serving.connection_guard).
     header_timeout_s: Annotated[float, Field(gt=0.0)] = 10.0
     max_connections_per_client: PositiveInt = 16
+    # On SIGTERM the requests in flight get this long to finish before they are cancelled (chestct.serving.shutdown).
+    shutdown_grace_s: Annotated[float, Field(gt=0.0)] = 30.0
     refuse_out_of_domain: bool = False  # true: an image the domain check refuses gets 422, not a flagged answer
 
 

@@ -343,17 +343,29 @@ def test_uvicorn_limits_come_from_the_export(tiny_export, tmp_path):
 
 
 def test_chestct_serve_passes_the_connection_limits_to_uvicorn(tiny_export, tmp_path, monkeypatch):
-    import uvicorn
-
     from chestct.cli import main
+    from chestct.serving.shutdown import DrainingServer
 
-    tight = export_copy(tiny_export, tmp_path / "tight", serve_changes={"max_connections": 9})
-    calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: calls.append(options))
+    tight = export_copy(tiny_export, tmp_path / "tight", serve_changes={"max_connections": 9, "shutdown_grace_s": 7})
+    configs = []
+    monkeypatch.setattr(DrainingServer, "run", lambda server: configs.append(server.config))
     main(["serve", "--export-dir", str(tight), "--port", "8123"])
-    (options,) = calls
-    assert options["limit_concurrency"] == 9 and options["timeout_keep_alive"] == 5 and options["port"] == 8123
-    assert issubclass(options["http"], H11Protocol)
+    (config,) = configs
+    assert config.limit_concurrency == 9 and config.timeout_keep_alive == 5 and config.port == 8123
+    assert config.timeout_graceful_shutdown == 7
+    assert issubclass(config.http, H11Protocol)
+
+
+def test_readiness_turns_503_while_the_service_drains(client):
+    client.app.state.draining = True
+    try:
+        assert client.get("/health/ready").status_code == 503
+        assert "shutting down" in client.get("/health/ready").json()["detail"]
+        assert client.get("/v2/health/ready").status_code == 400
+        assert client.get("/health/live").status_code == 200
+    finally:
+        client.app.state.draining = False
+    assert client.get("/health/ready").status_code == 200
 
 
 def test_an_image_that_is_not_a_chest_ct_is_answered_with_a_warning_or_refused(client, tiny_export, scan, tmp_path):

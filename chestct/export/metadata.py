@@ -36,7 +36,7 @@ SCHEMA_VERSION = "2.5"
 METADATA_FILE = "metadata.json"
 # Serving limits that exports written before them lack: such an export gets params.yaml's values at the time.
 SERVE_DEFAULTS = {"max_concurrent": 2, "queue_timeout_s": 10.0, "body_timeout_s": 30.0, "max_connections": 64,
-                  "header_timeout_s": 10.0, "max_connections_per_client": 16}
+                  "header_timeout_s": 10.0, "max_connections_per_client": 16, "shutdown_grace_s": 30.0}
 
 
 class MetadataError(ChestctError, ValueError):

@@ -228,6 +228,7 @@ def create_app(export_dir: str | Path | None = None, formats: tuple[str, ...] | 
     # Per-app metrics (/metrics, observability.py) and the open inference protocol's routes (/v2, v2.py).
     app.state.metrics = ServiceMetrics()
     app.state.metrics.instrument(app)
+    app.state.draining = False  # set on SIGTERM by chestct.serving.shutdown
     app.include_router(v2_router)
 
     def predictor_or_503(request: Request) -> Predictor:
@@ -260,6 +261,8 @@ def create_app(export_dir: str | Path | None = None, formats: tuple[str, ...] | 
     @app.get("/health/ready", summary="Readiness: 200 once a model is loaded, else 503 saying how to make one",
              responses=NOT_READY)
     def health_ready(request: Request) -> dict:
+        if request.app.state.draining:  # a stopping signal arrived (chestct.serving.shutdown): drain this instance
+            raise HTTPException(503, "shutting down: finishing the requests in flight, taking no new ones")
         predictor = predictor_or_503(request)
         return {"status": "ready", "format": predictor.format}
 

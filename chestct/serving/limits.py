@@ -62,11 +62,13 @@ class PredictionSlots:
 def uvicorn_limits(export_dir: str | Path | None = None) -> dict:
     """uvicorn's connection options from the export's serve params (what `chestct serve` passes): at most
     serve.max_connections open connections (uvicorn answers 503 beyond), idle keep-alive closed after
-    KEEP_ALIVE_S, and as `http` its h11 protocol with serve.header_timeout_s and serve.max_connections_per_client.
-    Without a readable export the service only answers 503s: the defaults then apply."""
+    KEEP_ALIVE_S, as `http` its h11 protocol with serve.header_timeout_s and serve.max_connections_per_client, and
+    serve.shutdown_grace_s for the requests in flight at a stop (chestct.serving.shutdown). Without a readable
+    export the service only answers 503s: the defaults then apply."""
     try:
         serve = load_export_metadata(resolve_export_dir(export_dir)).serve.model_dump()
     except ModelUnavailableError:
         serve = SERVE_DEFAULTS
     return {"limit_concurrency": serve["max_connections"], "timeout_keep_alive": KEEP_ALIVE_S,
-            "http": guarded_protocol(serve["header_timeout_s"], serve["max_connections_per_client"])}
+            "http": guarded_protocol(serve["header_timeout_s"], serve["max_connections_per_client"]),
+            "timeout_graceful_shutdown": serve["shutdown_grace_s"]}

@@ -107,7 +107,8 @@ RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying w
 UNAVAILABLE = {503: {"model": Problem, "headers": RETRY_AFTER,
                      "description": "no model is loaded (the detail says how to make one), or every prediction "
                                     "slot stayed busy for serve.queue_timeout_s (Retry-After says when to retry)"}}
-NOT_READY = {503: {"model": Problem, "description": "no model is loaded (the detail says how to make one)"}}
+NOT_READY = {503: {"model": Problem,
+                   "description": "no model is loaded, or the service is shutting down (the detail says which)"}}
 PREDICT_ERRORS = {
     400: {"model": Problem, "description": "empty file, wrong field name or unreadable multipart body"},
     408: {"model": Problem, "description": "the body stalled or trickled (serve.body_timeout_s)"},

@@ -436,6 +436,8 @@ def server_live() -> dict:
 
 @router.get("/health/ready", summary="v2: is a model loaded?", response_model=ServerReady, responses=NOT_READY)
 def server_ready(request: Request):
+    if getattr(request.app.state, "draining", False):  # a stopping signal arrived (chestct.serving.shutdown)
+        return V2Error(400, "not ready: shutting down, finishing the requests in flight", "shutting_down").response()
     if request.app.state.predictor is None:
         return V2Error(400, f"not ready: {request.app.state.unavailable}", "no_model").response()
     return {"ready": True}
