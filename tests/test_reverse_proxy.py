@@ -60,7 +60,7 @@ def proxy_configuration(folder: Path, proxy_port: int, service_port: int) -> Pat
 
 @pytest.fixture(scope="module")
 def proxied(tiny_export, tmp_path_factory):
-    """(proxy URL, proxy port): chestct serve on one port, nginx with deploy/nginx.conf in front on another."""
+    """(proxy URL, proxy port, service port): chestct serve on one port, nginx with deploy/nginx.conf in front."""
     folder = tmp_path_factory.mktemp("nginx")
     service_port, proxy_port = free_port(), free_port()
     service = subprocess.Popen([sys.executable, "-m", "chestct.cli", "serve", "--export-dir", str(tiny_export),
@@ -75,7 +75,7 @@ def proxied(tiny_export, tmp_path_factory):
         proxy = subprocess.Popen([NGINX, "-p", str(folder), "-c", str(configuration), "-g", "daemon off;"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         _wait_for(f"http://127.0.0.1:{proxy_port}/health/ready", proxy, "nginx")
-        yield f"http://127.0.0.1:{proxy_port}", proxy_port
+        yield f"http://127.0.0.1:{proxy_port}", proxy_port, service_port
     finally:
         for process in (proxy, service):
             if process is not None and process.poll() is None:
@@ -89,7 +89,7 @@ def health_from(port: int, source: str) -> int:
 
 
 def test_a_scan_a_v2_infer_and_metrics_go_through_the_proxy(proxied):
-    url, _ = proxied
+    url, _, _ = proxied
     scan = png_bytes(phantom_images(count=1)[0][1])
     answer = httpx.post(f"{url}/predict", files=[("files", ("scan.png", scan, "image/png"))], timeout=60)
     assert answer.status_code == 200 and answer.json()["results"][0]["diagnosis"] in ("Normal", "Cancer")
@@ -107,7 +107,7 @@ def test_slow_headers_and_trickling_bodies_leave_the_service_to_everyone_else(pr
     then nothing, and 100 whose bodies trickle. Behind the proxy, slow headers cost nginx a socket each and the
     service nothing: /health stays 200 for every client. Trickling bodies are requests in progress, so the flooding
     address meets its cap (limit_conn: 429) while another client is still served."""
-    _, port = proxied
+    _, port, _ = proxied
     held = []
     try:
         for _ in range(500):
@@ -127,6 +127,44 @@ def test_slow_headers_and_trickling_bodies_leave_the_service_to_everyone_else(pr
                 sock.sendall(b"x")
         assert health_from(port, OTHER_CLIENT) == 200
         assert health_from(port, "127.0.0.1") == 429
+    finally:
+        for sock in held:
+            sock.close()
+
+
+HEADER_TIMEOUT_S = 10  # serve.header_timeout_s of the tiny export (the default) and deploy/nginx.conf's
+
+
+@pytest.mark.parametrize("through", ["chestct serve alone", "nginx"])
+def test_1000_half_open_header_connections_neither_block_another_client_nor_stay_open(proxied, through):
+    """The issue's acceptance: 1000 connections from one client that send a request line and one header, held
+    open; a second client's /health answers 200 within 1 s, and every half-open connection is closed within the
+    header timeout + 2 s (the service refuses all but serve.max_connections_per_client at once, and closes those at
+    its deadline; nginx holds them all and closes them at client_header_timeout)."""
+    _, proxy_port, service_port = proxied
+    port = service_port if through == "chestct serve alone" else proxy_port
+    held, opened = [], time.monotonic()
+    try:
+        for _ in range(1000):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            with contextlib.suppress(OSError):  # the service may already have refused it
+                sock.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\n")
+            held.append(sock)
+        asked = time.monotonic()
+        assert health_from(port, OTHER_CLIENT) == 200
+        assert time.monotonic() - asked < 1.0
+        deadline = opened + HEADER_TIMEOUT_S + 2
+        still_open = 0
+        for sock in held:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                while sock.recv(4096):  # a 429 or 408 first, or nothing: then the end of the stream
+                    pass
+            except TimeoutError:
+                still_open += 1
+            except OSError:  # reset by the peer: closed
+                pass
+        assert still_open == 0, f"{still_open} of 1000 half-open connections still open after the header timeout"
     finally:
         for sock in held:
             sock.close()
