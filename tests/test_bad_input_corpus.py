@@ -8,10 +8,13 @@ are still scored. The export is the session's tiny one with serve.max_upload_mb 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -159,6 +162,94 @@ def test_service_request_level_refusals(client, control, caplog):
             problems.append(f"{case}: {response.status_code} {response.text[:300]}")
     assert not problems, "\n".join(problems)
     assert _post(client, [control]).status_code == 200
+    _assert_logs_clean(caplog)
+
+
+# --- (a2) the service's connections: what reaches it below the HTTP request ----------------------------------
+
+
+@contextlib.contextmanager
+def _live(export: Path):
+    """The app on loopback under uvicorn with the options `chestct serve` gives it (its guarded h11 protocol);
+    uvicorn's loggers are left to propagate, so caplog sees every line."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from chestct.serving.limits import uvicorn_limits
+    from tests.serving_support import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(export), host="127.0.0.1", port=port, log_config=None,
+                                           **uvicorn_limits(export)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def _exchange(port: int, data: bytes, then_close: bool = False) -> bytes:
+    """Send raw bytes; everything the server answers until it closes (or 5 s of silence)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        if then_close:
+            return b""
+        chunks = []
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _statuses(answer: bytes) -> list[int]:
+    """The status of every response in the answer (a pipelined one follows the previous body directly)."""
+    return [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
+
+
+def test_service_connection_level_bad_input(corpus_export, control, caplog):
+    """Half-open sockets, a client that vanishes mid-body, pipelined requests, oversized headers, a header line
+    without a colon, and request smuggling with both Content-Length and Transfer-Encoding: each gets a 4xx or a
+    closed connection, never a 5xx or a traceback, and a normal upload still works after them."""
+    caplog.set_level(logging.INFO)
+    name, data = control
+    boundary = "corpus-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    upload = (f"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+              f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    cases = {
+        "a half-open socket (nothing sent, then closed)": (b"", True, ()),
+        "a client that vanishes mid-body": (upload + body[:len(body) // 3], True, ()),
+        "oversized headers (a 100 kB header line)": (
+            b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n", False, (431,)),
+        "a header line without a colon": (b"GET /health HTTP/1.1\r\nHost: t\r\nno colon here\r\n\r\n", False, (400,)),
+        "smuggling: Content-Length and Transfer-Encoding together": (
+            b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"0\r\n\r\nGET /health HTTP/1.1\r\nHost: t\r\n\r\n", False, (400,)),
+        "a request line that is not HTTP": (b"HELLO\r\n\r\n", False, (400,)),
+    }
+    problems = []
+    with _live(corpus_export) as port:
+        for case, (raw, then_close, expected) in cases.items():
+            statuses = _statuses(_exchange(port, raw, then_close))
+            if any(status >= 500 for status in statuses) or (expected and statuses and statuses[0] not in expected):
+                problems.append(f"{case}: answered {statuses}")
+        pipelined = _statuses(_exchange(port, b"GET /health/live HTTP/1.1\r\nHost: t\r\n\r\n"
+                                              b"GET /health/live HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"))
+        if pipelined != [200, 200]:
+            problems.append(f"two pipelined requests: answered {pipelined}")
+        after = _statuses(_exchange(port, upload + body))
+        if after != [200]:
+            problems.append(f"a normal upload after them: answered {after}")
+    assert not problems, "\n".join(problems)
     _assert_logs_clean(caplog)
 
 

@@ -146,3 +146,23 @@ def test_a_slow_header_flood_from_one_client_leaves_the_service_to_everyone_else
     assert sum(answer.startswith(b"HTTP/1.1 408") for answer in answers) <= PER_CLIENT
     assert sum(answer.startswith(b"HTTP/1.1 429") for answer in answers) >= 100 - PER_CLIENT
     wait_until_released(server)
+
+
+def test_pipelined_requests_are_answered_and_the_next_head_still_has_its_deadline(server):
+    wait_until_released(server)
+    with connect(server) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\nGET / HTTP/1.1\r\nHost: test\r\n\r\nGET / HTTP/1.1\r\n")
+        answer = read_all(sock)  # two answers, then the stalled third head meets its deadline
+    assert answer.count(b"HTTP/1.1 200") == 2 and b"HTTP/1.1 408" in answer
+
+
+def test_an_oversized_head_or_content_length_with_transfer_encoding_is_refused(server):
+    wait_until_released(server)
+    with connect(server) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n")
+        assert read_all(sock).startswith(b"HTTP/1.1 431")
+    with connect(server) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"0\r\n\r\n")
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 400") and b"Content-Length and Transfer-Encoding" in answer
