@@ -7,8 +7,9 @@ It starts `chestct serve` on the export in its own process, and `--clients` thre
 serve.max_concurrent, so requests also queue for a slot) send, each at random: a valid scan to /predict (the
 --image, else a phantom), a v2 infer of the prepared input, a file of the bad-input corpus that the service must
 refuse (tests/bad_input_corpus.py), a slow client (headers, half the body, a pause, the rest) and a client that
-disconnects mid-body. Every second it samples the server's RSS, open file descriptors and threads. At the end it
-stops the server with SIGTERM and reads its log.
+disconnects mid-body. Every second it samples the server's RSS, open file descriptors and threads, and the latency
+percentiles of the requests that finished in that second. At the end it stops the server with SIGTERM and reads its
+log.
 
 Report: requests by route and status, p50/p95/p99 latency per route, RSS and open fds over the first minute and
 the last (means), whether each is flat (the last minute's no more than 10% above the first minute's), the
@@ -71,6 +72,7 @@ class Load:
         self.port, self.scan, self.v2_body, self.until = port, scan, v2_body, until
         self.statuses: Counter[tuple[str, str]] = Counter()
         self.latencies: dict[str, list[float]] = defaultdict(list)
+        self.finished: list[tuple[float, float]] = []  # (when, latency ms) of every request, for the per-second view
         # The files no entry point accepts (the corpus's size cases are sized for its own tiny export's limits).
         self.bad = [entry for entry in CORPUS if not entry.accepted_by]
         self._lock, self._seed = threading.Lock(), seed
@@ -85,9 +87,15 @@ class Load:
                     status = self._one(client, route, rng)
                 except (httpx.TransportError, OSError) as exc:
                     status = f"error:{type(exc).__name__}"
+                elapsed_ms = (time.perf_counter() - started) * 1000
                 with self._lock:
                     self.statuses[(route, status)] += 1
-                    self.latencies[route].append((time.perf_counter() - started) * 1000)
+                    self.latencies[route].append(elapsed_ms)
+                    self.finished.append((time.monotonic(), elapsed_ms))
+
+    def latencies_since(self, moment: float) -> list[float]:
+        with self._lock:
+            return [latency for when, latency in self.finished[-2000:] if when >= moment]
 
     def _one(self, client: httpx.Client, route: str, rng: random.Random) -> str:
         if route == "predict":
@@ -103,11 +111,17 @@ class Load:
         return _raw_upload(self.port, body, content_type, pause_s=0.2, finish=False)
 
 
-def _sample(process: psutil.Process, samples: list[dict], stop: threading.Event, started: float) -> None:
+def _sample(process: psutil.Process, load: Load, samples: list[dict], stop: threading.Event,
+            started: float) -> None:
+    """Every second: the server's RSS, open fds and threads, and the latency percentiles of the requests that
+    finished in that second (every route)."""
     while not stop.wait(1.0):
+        recent = load.latencies_since(time.monotonic() - 1.0)
         with contextlib.suppress(psutil.Error):
             samples.append({"t": round(time.monotonic() - started, 1), "rss_mb": process.memory_info().rss / 2**20,
-                            "fds": process.num_fds(), "threads": process.num_threads()})
+                            "fds": process.num_fds(), "threads": process.num_threads(), "requests": len(recent),
+                            "p50_ms": round(float(np.percentile(recent, 50)), 1) if recent else None,
+                            "p95_ms": round(float(np.percentile(recent, 95)), 1) if recent else None})
 
 
 def _flatness(samples: list[dict], key: str) -> dict:
@@ -159,9 +173,10 @@ def main() -> None:
             print(f"soak: {args.minutes:g} min, {clients} clients against {metadata['backbone']} "
                   f"({args.export_dir}), port {port}", flush=True)
             samples, stop = [], threading.Event()
-            sampler = threading.Thread(target=_sample, args=(psutil.Process(server.pid), samples, stop, started))
-            sampler.start()
             load = Load(port, scan, v2_body, started + args.minutes * 60, args.seed)
+            sampler = threading.Thread(target=_sample, args=(psutil.Process(server.pid), load, samples, stop,
+                                                             started))
+            sampler.start()
             threads = [threading.Thread(target=load.run, args=(index,)) for index in range(clients)]
             for thread in threads:
                 thread.start()
