@@ -109,18 +109,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(export_dir: Path, formats: tuple[str, ...] | None = None):
-    """uvicorn serving create_app(export_dir) on 127.0.0.1 in a thread; yields the base URL, stops it after."""
+def serving_thread(config):
+    """uvicorn.Server(config) in a background thread: yields once it has started, stops it after."""
     import threading
     import time
 
     import uvicorn
 
-    from chestct.serving.app import create_app
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(export_dir, formats), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 120
@@ -129,7 +125,29 @@ def running_server(export_dir: Path, formats: tuple[str, ...] | None = None):
             raise RuntimeError("the test server did not start")
         time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield server
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def read_until_closed(sock) -> bytes:
+    """Everything a server sends on a socket until it closes the connection (a reset counts as closed)."""
+    chunks = []
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@contextlib.contextmanager
+def running_server(export_dir: Path, formats: tuple[str, ...] | None = None):
+    """uvicorn serving create_app(export_dir) on 127.0.0.1 in a thread; yields the base URL, stops it after."""
+    import uvicorn
+
+    from chestct.serving.app import create_app
+
+    port = free_port()
+    with serving_thread(uvicorn.Config(create_app(export_dir, formats), host="127.0.0.1", port=port,
+                                       log_level="warning")):
+        yield f"http://127.0.0.1:{port}"

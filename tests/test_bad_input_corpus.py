@@ -172,28 +172,15 @@ def test_service_request_level_refusals(client, control, caplog):
 def _live(export: Path):
     """The app on loopback under uvicorn with the options `chestct serve` gives it (its guarded h11 protocol);
     uvicorn's loggers are left to propagate, so caplog sees every line."""
-    import threading
-    import time
-
     import uvicorn
 
     from chestct.serving.limits import uvicorn_limits
-    from tests.serving_support import free_port
+    from tests.serving_support import free_port, serving_thread
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(export), host="127.0.0.1", port=port, log_config=None,
-                                           **uvicorn_limits(export)))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
-        time.sleep(0.05)
-    try:
+    with serving_thread(uvicorn.Config(create_app(export), host="127.0.0.1", port=port, log_config=None,
+                                       **uvicorn_limits(export))):
         yield port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def _exchange(port: int, data: bytes, then_close: bool = False) -> bytes:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 import time
 
 import pytest
 import uvicorn
 
 from chestct.serving.connection_guard import guarded_protocol
-from tests.serving_support import free_port
+from tests.serving_support import free_port, read_until_closed, serving_thread
 
 HEADER_TIMEOUT_S = 0.6
 PER_CLIENT = 3
@@ -38,36 +37,18 @@ def server():
     config = uvicorn.Config(hello, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
                             limit_concurrency=64, timeout_keep_alive=5,
                             http=guarded_protocol(HEADER_TIMEOUT_S, PER_CLIENT))
-    instance = uvicorn.Server(config)
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not instance.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
-        time.sleep(0.02)
-    yield port
-    instance.should_exit = True
-    thread.join(timeout=10)
+    with serving_thread(config):
+        yield port
 
 
 def connect(port: int, source: str = "127.0.0.1") -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
-    return sock
-
-
-def read_all(sock: socket.socket) -> bytes:
-    """Everything the server sends until it closes the connection."""
-    chunks = []
-    with contextlib.suppress(ConnectionResetError):
-        while chunk := sock.recv(4096):
-            chunks.append(chunk)
-    return b"".join(chunks)
+    return socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
 
 
 def get(port: int, source: str = "127.0.0.1") -> bytes:
     with connect(port, source) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        return read_all(sock)
+        return read_until_closed(sock)
 
 
 def wait_until_released(port: int) -> None:
@@ -87,7 +68,7 @@ def test_headers_that_do_not_arrive_in_time_get_408_and_the_connection_closed(se
             time.sleep(0.1)
             with contextlib.suppress(OSError):
                 sock.sendall(b"X")
-        answer = read_all(sock)
+        answer = read_until_closed(sock)
         elapsed = time.monotonic() - started
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout")
     assert b"serve.header_timeout_s" in answer
@@ -103,7 +84,7 @@ def test_a_keep_alive_connection_gets_a_deadline_for_its_next_request_too(server
             first += sock.recv(4096)
         assert first.startswith(b"HTTP/1.1 200")
         sock.sendall(b"GET / HTTP/1.1\r\nHost: te")  # the second request's headers stall
-        assert read_all(sock).startswith(b"HTTP/1.1 408")
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 408")
 
 
 def test_a_client_beyond_its_cap_is_refused_at_once_and_others_are_served(server):
@@ -139,7 +120,7 @@ def test_a_slow_header_flood_from_one_client_leaves_the_service_to_everyone_else
             flood.append(sock)
         for _ in range(5):
             assert get(server, OTHER_CLIENT).startswith(b"HTTP/1.1 200")
-        answers = [read_all(sock) for sock in flood]  # every one ends: 429 at once, or 408 at the deadline
+        answers = [read_until_closed(sock) for sock in flood]  # every one ends: 429 at once, or 408 at the deadline
     finally:
         for sock in flood:
             sock.close()
@@ -152,7 +133,7 @@ def test_pipelined_requests_are_answered_and_the_next_head_still_has_its_deadlin
     wait_until_released(server)
     with connect(server) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\nGET / HTTP/1.1\r\nHost: test\r\n\r\nGET / HTTP/1.1\r\n")
-        answer = read_all(sock)  # two answers, then the stalled third head meets its deadline
+        answer = read_until_closed(sock)  # two answers, then the stalled third head meets its deadline
     assert answer.count(b"HTTP/1.1 200") == 2 and b"HTTP/1.1 408" in answer
 
 
@@ -160,9 +141,9 @@ def test_an_oversized_head_or_content_length_with_transfer_encoding_is_refused(s
     wait_until_released(server)
     with connect(server) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n")
-        assert read_all(sock).startswith(b"HTTP/1.1 431")
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 431")
     with connect(server) as sock:
         sock.sendall(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
                      b"0\r\n\r\n")
-        answer = read_all(sock)
+        answer = read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 400") and b"Content-Length and Transfer-Encoding" in answer

@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from tests.serving_support import free_port, phantom_images, png_bytes
+from tests.serving_support import free_port, phantom_images, png_bytes, read_until_closed
 
 IN_FLIGHT = 8
 GRACE_S = 20
@@ -37,14 +37,6 @@ def _export_with_grace(tiny_export, folder):
 def _upload(boundary: str, image: bytes) -> bytes:
     return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"scan.png\"\r\n"
             f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
-
-
-def _read_response(sock: socket.socket) -> bytes:
-    chunks = []
-    with contextlib.suppress(ConnectionResetError):
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
 
 
 @pytest.mark.e2e
@@ -77,7 +69,7 @@ def test_sigterm_finishes_the_requests_in_flight_refuses_new_ones_and_exits_0(ti
                 started.wait()
                 finish.wait()
                 sock.sendall(body[100:])
-                answers[index] = _read_response(sock)
+                answers[index] = read_until_closed(sock)
 
         threads = [threading.Thread(target=request, args=(index,)) for index in range(IN_FLIGHT)]
         for thread in threads:
