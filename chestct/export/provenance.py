@@ -18,7 +18,7 @@ ARTIFACT_NAME = "chestct"  # the model's name in dvc.yaml `artifacts:` and in it
 _GIT_TIMEOUT_S = 30
 
 
-def _git(arguments: list[str], cwd: Path) -> str | None:
+def git_output(arguments: list[str], cwd: Path) -> str | None:
     """stdout of a git command, or None when git is missing, the folder is not a repository, or git fails."""
     try:
         result = subprocess.run(["git", *arguments], cwd=cwd, capture_output=True, text=True,
@@ -30,7 +30,7 @@ def _git(arguments: list[str], cwd: Path) -> str | None:
 
 def git_revision(cwd: Path) -> str | None:
     """The full sha of HEAD; None outside a git repository or before its first commit."""
-    return _git(["rev-parse", "--verify", "--quiet", "HEAD^{commit}"], cwd)
+    return git_output(["rev-parse", "--verify", "--quiet", "HEAD^{commit}"], cwd)
 
 
 def registered_version(tag_names: list[str], name: str = ARTIFACT_NAME) -> str | None:
@@ -55,5 +55,5 @@ def export_source(cwd: Path = Path(".")) -> dict[str, str | None]:
     revision = git_revision(cwd)
     if revision is None:
         return {"git_revision": None, "artifact_version": None}
-    tags = _git(["tag", "--points-at", revision], cwd) or ""
+    tags = git_output(["tag", "--points-at", revision], cwd) or ""
     return {"git_revision": revision, "artifact_version": registered_version(tags.splitlines())}
