@@ -1,11 +1,13 @@
 """The `chestct` command.
 
-    chestct check-params [--params params.yaml]          validate params.yaml and print every resolved value
-    chestct preprocess IMAGE... --out-dir DIR [--params]  run THE preprocessing on files, save what the model sees
-    chestct predict IMAGE|DIR... [--json] [--gradcam-dir DIR] [--csv F]  diagnose files (folders: recursively)
-    chestct predict SERIES_DIR... --series [--json] [--plot-dir DIR]   one answer per DICOM series
-    chestct serve [--host --port] [--artifact chestct@prod]  start the web service (page + JSON API)
-    chestct evaluate-external DIR --label-map F=L ...     score a labelled folder of scans, write a report
+```text
+chestct check-params [--params params.yaml]          validate params.yaml and print every resolved value
+chestct preprocess IMAGE... --out-dir DIR [--params]  run THE preprocessing on files, save what the model sees
+chestct predict IMAGE|DIR... [--json] [--gradcam-dir DIR] [--csv F]  diagnose files (folders: recursively)
+chestct predict SERIES_DIR... --series [--json] [--plot-dir DIR]   one answer per DICOM series
+chestct serve [--host --port] [--artifact chestct@prod]  start the web service (page + JSON API)
+chestct evaluate-external DIR --label-map F=L ...     score a labelled folder of scans, write a report
+```
 """
 
 from __future__ import annotations
