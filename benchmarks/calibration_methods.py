@@ -1,12 +1,15 @@
 """Every calibration method on trained models: fitted on validation, measured on test (ECE, Brier).
 
     python -m benchmarks.calibration_methods MODEL.keras PROCESSED_DIR [MODEL.keras PROCESSED_DIR ...]
+                                             [--labels "seed 42" ...] [--results calibration_methods]
 
 PROCESSED_DIR holds the `valid/` and `test/` splits of data/processed that the model was evaluated on (a pipeline
 project's data/processed, or a copy kept beside the model). This reruns no training: it scores the two splits,
 fits each method of chestct.evaluation.calibration on the validation scores and prints the test figures per
 model, then the mean over models, so `evaluate.calibration.method` can be chosen by measurement. The evaluate
-stage reports the same figures for its own model under calibration.methods in metrics/eval.json.
+stage reports the same figures for its own model under calibration.methods in metrics/eval.json. With --results
+the table (test ECE / Brier per model and method, and their mean) goes to docs/results/<name>.json for the
+documentation, each model named by its --labels entry (default: its path).
 """
 
 from __future__ import annotations
@@ -42,9 +45,14 @@ def main() -> None:
     parser.add_argument("pairs", nargs="+", help="MODEL.keras PROCESSED_DIR, repeated")
     parser.add_argument("--bins", type=int, default=10, help="equal-mass bins of the ECE (default 10)")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
+    parser.add_argument("--labels", nargs="+", default=None, help="a name for each model, in the table")
+    parser.add_argument("--results", default=None, metavar="NAME",
+                        help="write the table to docs/results/NAME.json (calibration_methods: the documentation's)")
     args = parser.parse_args()
     if len(args.pairs) % 2:
         parser.error("give MODEL.keras PROCESSED_DIR pairs")
+    if args.labels is not None and len(args.labels) != len(args.pairs) // 2:
+        parser.error("give one --labels entry per model")
     runs = {}
     for model, processed in zip(args.pairs[::2], args.pairs[1::2], strict=True):
         runs[model] = measure(Path(model), Path(processed), args.bins)
@@ -58,6 +66,26 @@ def main() -> None:
               f"Brier {np.mean(brier):.3f}")
     if args.out:
         args.out.write_text(json.dumps(runs, indent=1))
+    if args.results:
+        from benchmarks.results import write_result
+
+        labels = dict(zip(runs, args.labels or list(runs), strict=True))
+        table = methods_table({labels[model]: figures for model, figures in runs.items()}, args.bins)
+        print(f"written: {write_result(args.results, {'tables': {'ece_brier': table}, 'runs': runs})}")
+
+
+def methods_table(runs: dict, bins: int) -> dict:
+    """The documentation's table: test ECE / Brier of each model under each method, then the mean over models."""
+    methods = ("none", *METHODS)
+
+    def cell(figures: dict) -> str:
+        return f"{figures['ece']:.3f} / {figures['brier']:.3f}"
+
+    rows = [[label, *(cell(figures[method]) for method in methods)] for label, figures in runs.items()]
+    rows.append([f"mean of the {len(runs)}", *(cell({key: float(np.mean([run[method][key] for run in runs.values()]))
+                                                     for key in ("ece", "brier")}) for method in methods)])
+    return {"title": f"Test ECE ({bins} equal-mass bins) / Brier per calibration method",
+            "columns": ["model", "uncalibrated", *METHODS], "rows": rows}
 
 
 if __name__ == "__main__":

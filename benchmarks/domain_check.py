@@ -2,14 +2,15 @@
 
     python -m benchmarks.domain_check --real ../shared/data/chest-ctscan-images \
         [--cross-source ../shared/data/cross-source] [--phantoms 100] [--sample 500] [--out reports/domain.json] \
-        [--figure docs/domain-refused.png]
+        [--figure docs/figures/domain-refused.png] [--no-results]
 
 Every image of the Kaggle set (--real), a seeded sample of the cross-source slices (--cross-source: the
 Lung-PET-CT-Dx DICOM series through serve.dicom_window, and LUNA16's normal-lung PNGs) and rendered phantoms go
 through chestct.imaging.domain as the service would see them. It prints, per source, the share refused with the
 reasons and the percentiles of every figure the thresholds were set from (the module's constants). Every slice
 here is an axial chest CT, so each refusal is either a slice without lungs (the first and last slices of a
-series) or a false alarm.
+series) or a false alarm. The documentation's table (refused per source, and why) goes to
+docs/results/domain_check.json.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def main() -> None:
     parser.add_argument("--phantoms", type=int, default=100, help="rendered phantom slices (default 100)")
     parser.add_argument("--sample", type=int, default=500, help="cross-source slices drawn (default 500)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report as JSON")
+    parser.add_argument("--no-results", action="store_true",
+                        help="do not write docs/results/domain_check.json (the documentation's table)")
     parser.add_argument("--figure", type=Path, default=None,
                         help="draw the refused images of the first source (with their reasons) into this PNG")
     args = parser.parse_args()
@@ -86,6 +89,25 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=1))
     if args.figure and refused:
         _figure(args.figure, [item for item in refused if item[0] == next(iter(sources))] or refused)
+    if not args.no_results:
+        from benchmarks.results import write_result
+
+        figures = {"tables": {"first_layer": first_layer_table(report)}, "report": report}
+        print(f"written: {write_result('domain_check', figures)}")
+
+
+SOURCE_LABELS = {"kaggle": "Kaggle set, all {n:,} images", "cross-source": "cross-source slices (Lung-PET-CT-Dx "
+                 "series, LUNA16 normals), {n:,}", "phantoms": "phantoms, {n:,}"}
+
+
+def first_layer_table(report: dict) -> dict:
+    """The documentation's table: per source, how many images the first layer refuses and why."""
+    rows = [[SOURCE_LABELS.get(name, name + ", {n:,}").format(n=figures["images"]),
+             f"{figures['refused']:,} ({figures['refused_share']:.1%})" if figures["refused"] else "0",
+             "; ".join(f"{count} {reason}" for reason, count in figures["reasons"].items())]
+            for name, figures in report.items()]
+    return {"title": "What the first layer of the domain check refuses",
+            "columns": ["source (all axial CT)", "refused by the first layer", "why"], "rows": rows}
 
 
 def _figure(path: Path, refused: list, columns: int = 5, side: int = 192) -> None:

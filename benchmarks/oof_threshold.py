@@ -2,7 +2,7 @@
 chosen on validation?
 
     python -m benchmarks.oof_threshold --seeds 3 --folds 3 --real ../shared/data/chest-ctscan-images
-                                       [-S key=value ...] [--out reports/oof_threshold.json]
+                                       [-S key=value ...] [--out reports/oof_threshold.json] [--no-results]
 
 Why: with `split.dedup: regroup` validation holds 2-3 distinct Normal slices, so the threshold chosen on it rests
 on two or three images and test specificity swings from 0.04 to 1.00 between seeds. Out-of-fold scores over
@@ -15,6 +15,7 @@ the other folds with epochs selected on the held-out fold and a perturbed copy o
 fold. The threshold is chosen on the pooled out-of-fold scores with `evaluate.threshold`, then applied unchanged
 to (a) the pipeline's model, which is what `evaluate.threshold.chosen_on: out_of_fold` does, and (b) the mean of
 the k fold models, which the pipeline does not build. Test labels are read only to report. k + 1 trainings a seed.
+The documentation's table (What the model learned, "Operating point") goes to docs/results/oof_threshold.json.
 """
 
 from __future__ import annotations
@@ -130,6 +131,40 @@ def print_table(results: list[dict], seeds: list[int]) -> None:
         print(f"{label:<46}{np.mean(values):>7.3f}{sd:>7}  {', '.join(f'{value:.3f}' for value in values)}")
 
 
+def _seeds(values: list[float], digits: int = 3, sd: bool = True, value_digits: int | None = None) -> str:
+    """'0.261 ± 0.188 (0.341, 0.396, 0.047)': the mean, the sd when asked, the per-seed values."""
+    mean = f"{np.mean(values):.{digits}f}"
+    if sd and len(values) > 1:
+        mean += f" ± {np.std(values, ddof=1):.{digits}f}"
+    each = digits if value_digits is None else value_digits
+    return f"{mean} ({', '.join(f'{value:.{each}f}' for value in values)})"
+
+
+def oof_table(results: list[dict], seeds: list[int]) -> dict:
+    """The documentation's table: the threshold chosen on validation against the one chosen out of fold."""
+    def column(key: str) -> list[float]:
+        return [_get(result, key) for result in results]
+
+    def youden(prefix: str) -> str:
+        return f"{np.mean([r[prefix]['sensitivity'] + r[prefix]['specificity'] - 1 for r in results]):.3f}"
+
+    rows = [["distinct Normal slices it rests on", _seeds(column("distinct_normals_valid"), 1, False, 0),
+             _seeds(column("distinct_normals_oof"), 1, False, 0)],
+            ["threshold", _seeds(column("threshold_valid")), _seeds(column("threshold_oof"))],
+            ["test sensitivity", _seeds(column("pipeline_at_valid.sensitivity")),
+             _seeds(column("pipeline_at_oof.sensitivity"))],
+            ["test specificity", _seeds(column("pipeline_at_valid.specificity")),
+             _seeds(column("pipeline_at_oof.specificity"))],
+            ["sensitivity + specificity - 1", youden("pipeline_at_valid"), youden("pipeline_at_oof")],
+            ["pooled out-of-fold AUC", "", _seeds(column("oof_auc"))],
+            ["fold ensemble at the out-of-fold threshold (not built): test AUC / sensitivity / specificity", "",
+             f"{np.mean(column('ensemble_auc')):.3f} / {np.mean(column('ensemble_at_oof.sensitivity')):.3f} / "
+             f"{np.mean(column('ensemble_at_oof.specificity')):.3f}"]]
+    return {"title": "The operating point chosen on validation and on out-of-fold scores",
+            "columns": [f"figure (mean ± sd, per seed {', '.join(map(str, seeds))})", "threshold chosen on validation",
+                        "on out-of-fold scores"], "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=2, help="how many seeds (default 2)")
@@ -138,6 +173,8 @@ def main() -> None:
     parser.add_argument("--real", type=Path, default=None, help="the chest-ctscan-images folder (data.source local)")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("reports/oof_threshold.json"))
+    parser.add_argument("--no-results", action="store_true",
+                        help="do not write docs/results/oof_threshold.json (the documentation's table)")
     args = parser.parse_args()
     if args.folds < 2:
         raise SystemExit("--folds must be at least 2")
@@ -163,6 +200,12 @@ def main() -> None:
     args.out.write_text(json.dumps({"seeds": seeds, "folds": args.folds, "overrides": overrides,
                                     "per_seed": results}, indent=2) + "\n")
     print(f"written: {args.out}")
+    if not args.no_results:
+        from benchmarks.results import write_result
+
+        figures = {"tables": {"oof": oof_table(results, seeds)}, "seeds": seeds, "folds": args.folds,
+                   "overrides": overrides, "per_seed": results}
+        print(f"written: {write_result('oof_threshold', figures)}")
 
 
 if __name__ == "__main__":

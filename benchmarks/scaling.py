@@ -1,7 +1,7 @@
 """How cost grows with the dataset: preprocessing, disk, the input pipeline and one training epoch.
 
     python -m benchmarks.scaling [--sizes 1000,10000,50000] [--px 64] [--epoch-backbone mobilenetv3small]
-                                 [--model-backbone <params.yaml's>] [--work DIR]
+                                 [--model-backbone <params.yaml's>] [--work DIR] [--no-results]
 
 For each size N: writes N phantom chest CT slices as PNG files (128-192 px, half Normal, half with lesions; a bank
 of distinct phantoms reused, since only the per-file cost matters) with a 70/15/15 manifest; runs the preprocess
@@ -16,7 +16,8 @@ null, constant batches, after warm-up), and the input pipeline's images/s at 256
 two can be compared on this CPU. Goals (issue 19): per-image preprocess time at the largest size within 1.2x of
 the smallest, peak RSS within 1.5x, input pipeline at least 2x the model's training speed.
 
-Every measurement runs in its own process (`--child ...`), so peak RSS is that step's alone.
+Every measurement runs in its own process (`--child ...`), so peak RSS is that step's alone. The table (the
+documentation's Scaling out page) goes to docs/results/scaling.json.
 """
 
 from __future__ import annotations
@@ -187,6 +188,8 @@ def main() -> None:
     parser.add_argument("--epoch-backbone", default="mobilenetv3small")
     parser.add_argument("--model-backbone", default=None, help="default: params.yaml's model.backbone")
     parser.add_argument("--work", type=Path, default=None, help="keep the datasets here (default: a temp dir)")
+    parser.add_argument("--no-results", action="store_true",
+                        help="do not write docs/results/scaling.json (the documentation's table)")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--child-args", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -234,6 +237,28 @@ def main() -> None:
         if args.work is None:
             shutil.rmtree(root, ignore_errors=True)
     _print_table(rows, pipe256, model256, model_backbone, sizes[0])
+    if not args.no_results:
+        from benchmarks.results import write_result
+
+        figures = {"tables": {"cost": cost_table(rows, args.px)}, "rows": rows, "pipeline_256px": pipe256,
+                   "model_256px": model256, "model_backbone": model_backbone}
+        print(f"written: {write_result('scaling', figures)}")
+
+
+def cost_table(rows: list[dict], px: int) -> dict:
+    """The documentation's table: one row per size, the ratios against the first size."""
+    base_ms = 1000 * rows[0]["pre"]["seconds"] / rows[0]["size"]
+    table = []
+    for row in rows:
+        ms = 1000 * row["pre"]["seconds"] / row["size"]
+        table.append([f"{row['size']:,}", f"{row['pre']['seconds']:.0f} s", f"{ms:.2f} ({ms / base_ms:.2f}x)",
+                      f"{row['pre']['rss_main_mib']:,.0f} / {row['pre']['rss_worker_mib']:,.0f} MiB",
+                      f"{row['disk'] / 2**20:,.0f} MiB", f"{row['pipe']['images_per_s']:,.0f} img/s",
+                      f"{row['epoch']['seconds']:.0f} s, {row['epoch']['rss_mib']:,.0f} MiB"])
+    return {"title": f"How cost grows with the dataset (phantoms at {px} px, params.yaml's preprocessing)",
+            "columns": ["images", "preprocess", f"ms/image (x {rows[0]['size']:,})",
+                        "preprocess peak RSS, main / worker", "shards on disk", "input pipeline alone",
+                        "one training epoch: time, peak RSS"], "rows": table}
 
 
 def _cpu_name() -> str:

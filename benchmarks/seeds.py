@@ -2,7 +2,7 @@
 
     python -m benchmarks.seeds --seeds 3 [--real ../shared/data/chest-ctscan-images] [-S key=value ...]
                                [--panel ../shared/data/cross-source] [--first-seed 42] [--out reports/seeds.json]
-                               [--keep DIR]
+                               [--keep DIR] [--results NAME [--table ID]]
 
 One run is not a result: the same commit has given test AUC 0.934 on one machine and 1.000 on another. This
 builds one temporary copy of the project (with the real data through `data.source: local` when --real is given,
@@ -12,7 +12,9 @@ metrics/*.json. DVC reruns only what the seed changes (split, training, evaluati
 preprocessed once. When external sets are declared (-S external.sets=... or --panel, which declares the project's
 cross-source panel, lung_pet_ct_dx and luna16_normal, from that folder), it runs `dvc repro external` instead, and
 every figure of metrics/external.json joins the table as "external: <set>.<figure>". It prints each headline
-figure's mean, standard deviation and per-seed values, and writes them as JSON (--out).
+figure's mean, standard deviation and per-seed values, and writes them as JSON (--out). With --results NAME the
+same table (figure, mean ± sd, per seed) also goes to docs/results/NAME.json as table ID (default "seeds"), with
+the command, commit and CPU, for a documentation page to render (benchmarks.results).
 """
 
 from __future__ import annotations
@@ -157,6 +159,20 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _mean_sd(entry: dict) -> str:
+    if entry["mean"] is None:
+        return "n/a"
+    return _fmt(entry["mean"]) + (f" ± {_fmt(entry['sd'])}" if entry["sd"] is not None else "")
+
+
+def seeds_table(summary: dict, seeds: list[int], title: str) -> dict:
+    """The documentation's table of `summary`: figure, mean ± sd, per-seed values."""
+    return {"title": title, "columns": ["figure", f"mean ± sd over {len(seeds)} seeds",
+                                        f"per seed ({', '.join(map(str, seeds))})"],
+            "rows": [[label, _mean_sd(entry), ", ".join(_fmt(value) for value in entry["values"])]
+                     for label, entry in summary.items()]}
+
+
 def print_table(summary: dict, seeds: list[int]) -> None:
     width = max(40, *(len(label) + 2 for label in summary))
     print(f"\n{'figure':<{width}}{'mean':>7}{'sd':>7}  per seed ({', '.join(map(str, seeds))})")
@@ -179,6 +195,9 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None,
                         help="build the project copy here and keep it; an existing copy is reused as it is (its "
                              "code, data and cached stages: a run stopped part-way goes on where it stopped)")
+    parser.add_argument("--results", default=None, metavar="NAME",
+                        help="also write the table to docs/results/NAME.json for the documentation")
+    parser.add_argument("--table", default="seeds", metavar="ID", help="the table's id in that file (default seeds)")
     parser.add_argument("--timeout-min", type=float, default=240.0,
                         help="longest `dvc repro` of one seed, in minutes (default 240: a real-data seed with the "
                              "panel takes 10-25 minutes on 2 cores)")
@@ -222,6 +241,13 @@ def main() -> None:
     args.out.write_text(json.dumps({"seeds": seeds, "overrides": overrides, "summary": summary,
                                     "worst_perturbation": worst_names}, indent=2) + "\n")
     print(f"written: {args.out}")
+    if args.results:
+        from benchmarks.results import write_result
+
+        title = f"{len(seeds)} seeds, " + (" ".join(f"-S {text}" for text in args.overrides) or "the defaults")
+        figures = {"tables": {args.table: seeds_table(summary, seeds, title)}, "seeds": seeds,
+                   "overrides": overrides, "summary": summary, "worst_perturbation": worst_names}
+        print(f"written: {write_result(args.results, figures)}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """A soak of `chestct serve`: minutes of mixed load at the concurrency limit, with the process watched every second.
 
     python -m benchmarks.serve_soak --export-dir models/export [--minutes 5] [--clients N] [--image scan.png]
-                                    [--out reports/serve_soak.json]
+                                    [--out reports/serve_soak.json] [--no-results]
 
 It starts `chestct serve` on the export in its own process, and `--clients` threads (default: twice the export's
 serve.max_concurrent, so requests also queue for a slot) send, each at random: a valid scan to /predict (the
@@ -15,6 +15,7 @@ Report: requests by route and status, p50/p95/p99 latency per route, RSS and ope
 the last (means), whether each is flat (the last minute's no more than 10% above the first minute's), the
 server's exit status, and the tracebacks in its log. Nothing is asserted: a soak is read, not passed. Answers
 that say the server is busy (503 with Retry-After, serve.max_concurrent) are expected at this load and counted.
+The tables of the documentation's Serving page (routes, process) go to docs/results/serve_soak.json.
 """
 
 from __future__ import annotations
@@ -37,12 +38,17 @@ import httpx
 import numpy as np
 import psutil
 
+from benchmarks.results import write_result
 from tests.bad_input_corpus import CORPUS
 from tests.serving_support import free_port, phantom_images, png_bytes
 
 ROUTES = ("predict", "v2_infer", "bad_input", "slow_client", "disconnect")
 WEIGHTS = (0.4, 0.2, 0.2, 0.1, 0.1)
 FLAT = 0.10  # the end within 10% of the first minute's
+# How the documentation's table names each route.
+ROUTE_LABELS = {"predict": "`/predict`, a valid scan", "v2_infer": "v2 infer",
+                "bad_input": "`/predict`, a file of the bad-input corpus",
+                "slow_client": "slow client (half the body, 2 s pause, the rest)", "disconnect": "disconnect mid-body"}
 
 
 def _multipart(name: str, data: bytes, boundary: str = "soak-boundary") -> tuple[bytes, str]:
@@ -153,6 +159,8 @@ def main() -> None:
     parser.add_argument("--image", type=Path, default=None, help="the valid scan (default: a phantom)")
     parser.add_argument("--out", type=Path, default=Path("reports/serve_soak.json"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-results", action="store_true",
+                        help="do not write docs/results/serve_soak.json (the documentation's tables)")
     args = parser.parse_args()
 
     metadata = json.loads((args.export_dir / "metadata.json").read_text())
@@ -219,6 +227,50 @@ def main() -> None:
     print(f"5xx other than 503 busy: {report['server_5xx_not_busy']}; 503 busy: {report['busy_503']}; tracebacks in "
           f"the log: {report['tracebacks']}; exit status {exit_status}")
     print(f"written: {args.out}")
+    if not args.no_results:
+        figures = {key: value for key, value in report.items() if key != "samples"}
+        print(f"written: {write_result('serve_soak', {'tables': soak_tables(report), **figures})}")
+
+
+def _answers(requests: dict, route: str) -> str:
+    """'all 200', or the count per status ('400: 51, 413: 100'); a client that left has no answer."""
+    statuses = {key.split(" ", 1)[1]: count for key, count in requests.items() if key.split(" ", 1)[0] == route}
+    if route == "disconnect" and set(statuses) <= {"disconnected"}:
+        return "(the client left)"
+    if len(statuses) == 1:
+        return f"all {next(iter(statuses))}"
+    return ", ".join(f"{status}: {count:,}" for status, count in sorted(statuses.items()))
+
+
+def soak_tables(report: dict) -> dict:
+    """The documentation's two tables: requests, answers and latency per route; the process's first and last
+    minute."""
+    routes = []
+    for route in ROUTES:
+        count = sum(n for key, n in report["requests"].items() if key.split(" ", 1)[0] == route)
+        if not count:
+            continue
+        latency = report["latency_ms"].get(route, {})
+        percentiles = ("" if route == "disconnect" or not latency else
+                       " / ".join(f"{latency[f'p{q}']:,.1f}" if latency[f"p{q}"] < 1000 else f"{latency[f'p{q}']:,.0f}"
+                                  for q in (50, 95, 99)))
+        routes.append([ROUTE_LABELS[route], f"{count:,}", _answers(report["requests"], route), percentiles])
+
+    def minute(key: str, unit: str = "") -> list:
+        figures = report[key]
+        return [f"{figures['first_minute']:,}{unit}",
+                f"{figures['last_minute']:,}{unit}" + (" (flat)" if figures["flat"] else " (NOT flat)")]
+
+    process = [["RSS", *minute("rss_mb", " MB")], ["open file descriptors", *minute("open_fds")],
+               ["threads", *minute("threads")]]
+    minutes = f"{report['minutes']:g} minute{'s' if report['minutes'] != 1 else ''}"
+    return {"routes": {"title": f"{minutes} of mixed load, per route ({report['clients']} clients)",
+                       "columns": ["route", "requests", "answers", "p50 / p95 / p99 ms"], "rows": routes,
+                       "notes": f"5xx other than 503 busy: {report['server_5xx_not_busy']}; 503 busy: "
+                                f"{report['busy_503']}; tracebacks in the log: {report['tracebacks']}; exit status "
+                                f"after SIGTERM: {report['exit_status']}."},
+            "process": {"title": f"The server process over the {minutes}",
+                        "columns": ["process", "first minute", "last minute"], "rows": process}}
 
 
 if __name__ == "__main__":
