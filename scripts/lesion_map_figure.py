@@ -1,6 +1,7 @@
-"""The README's lesion-map picture: what a lesion-map model's own map shows on three kinds of slice.
+"""The documentation's lesion-map picture (docs/lesion-map.md): what a lesion-map model's own map shows on three
+kinds of slice.
 
-    python scripts/lesion_map_figure.py PROJECT [--set lung_pet_ct_dx] [--out docs/lesion-map.png]
+    python scripts/lesion_map_figure.py PROJECT [--set lung_pet_ct_dx] [--out docs/figures/lesion-map.png]
 
 PROJECT is a pipeline run of a lesion-map model (model.lesion_map.enabled) that has run the `external` stage
 with the cross-source panel declared, e.g. a `python -m benchmarks.seeds --keep DIR ...` copy. Rows:
@@ -61,7 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("project", type=Path)
     parser.add_argument("--set", default="lung_pet_ct_dx", help="the annotated_series set of the panel")
-    parser.add_argument("--out", type=Path, default=Path("docs/lesion-map.png"))
+    parser.add_argument("--out", type=Path, default=Path("docs/figures/lesion-map.png"))
     args = parser.parse_args()
     predictor = Predictor(args.project / "models/export")
     if not predictor.has_lesion_map:

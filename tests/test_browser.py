@@ -1,7 +1,8 @@
 """The web page in a real browser: Debian's chromium, driven headless by Playwright, against the live service.
 
 Skips with the reason when chromium or Playwright is missing (.ci/run installs chromium with apt-get).
-Set CHESTCT_SCREENSHOT_DIR to keep a screenshot of the page with a result (the README's picture).
+Set CHESTCT_SCREENSHOT_DIR to keep screenshots of the page with a result (the documentation's pictures:
+`python scripts/docs_figures.py screenshots`).
 """
 
 from __future__ import annotations
