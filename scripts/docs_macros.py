@@ -290,7 +290,7 @@ def params_rows(params_file: Path = PARAMS_FILE, source_file: Path = PARAMS_SOUR
             allowed = describe_type(field.annotation, field.metadata)
             if is_list:
                 allowed = "list of sections (below)"
-            rows.append(ParamRow(key, default, allowed, " ".join(part for part in notes if part).strip()))
+            rows.append(ParamRow(key, default, allowed, " — ".join(part for part in notes if part).strip()))
             if section is not None and not is_list:
                 add(section, value if isinstance(value, dict) else {}, f"{key}.")
             elif section is not None:

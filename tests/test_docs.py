@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from chestct.params import parse_params
 from scripts import docs_macros
 from scripts.docs_macros import DocsError
 from tests.conftest import PROJECT_ROOT
@@ -110,11 +111,14 @@ def test_the_readme_quick_run_is_the_from_scratch_recipe_of_the_site():
     assert settings["data.source"] == "local" and settings["model.weights"] == "null"
     assert settings["model.backbone"] == "mobilenetv3small" and settings["preprocess.image_size"] == "128"
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-    for key in settings:  # every -S names a real key
-        value = params
-        for part in key.split("."):
-            assert isinstance(value, dict) and part in value, f"README quick run: -S {key} is not in params.yaml"
-            value = value[part]
+    for key, text in settings.items():  # every -S names a real key, and together they make valid params
+        section = params
+        *parents, leaf = key.split(".")
+        for part in parents:
+            section = section[part]
+        assert leaf in section, f"README quick run: -S {key} is not in params.yaml"
+        section[leaf] = yaml.safe_load(text)
+    parse_params(params, "params.yaml with the README's quick run")
 
 
 def _github_slug(heading: str) -> str:
