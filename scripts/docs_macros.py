@@ -25,6 +25,7 @@ import io
 import json
 import posixpath
 import re
+import sys
 import tokenize
 import types
 import typing
@@ -41,6 +42,8 @@ PARAMS_SOURCE = ROOT / "chestct" / "params.py"
 DVC_YAML = ROOT / "dvc.yaml"
 README = ROOT / "README.md"
 PROVENANCE_FIELDS = ("command", "commit", "dirty", "cpu", "cpu_features", "cores", "date")
+if str(ROOT) not in sys.path:  # chestct.params from this checkout, installed or not (`mkdocs` runs from its bin/)
+    sys.path.insert(0, str(ROOT))
 
 
 class DocsError(Exception):
