@@ -121,7 +121,9 @@ def render_results_table(name: str, table_id: str, page_path: str = "index.md", 
     table = result_table(result, name, table_id)
     provenance = {**result["provenance"], **table.get("provenance", {})}
     link = posixpath.relpath(f"results/{name}.json", posixpath.dirname(page_path) or ".")
-    parts = [markdown_table(table["columns"], table["rows"]), "", caption(provenance, link)]
+    title = table.get("title", "").rstrip(".")
+    parts = [markdown_table(table["columns"], table["rows"]), "",
+             (f"*{title}.* " if title else "") + caption(provenance, link)]
     if table.get("notes"):
         parts += ["", table["notes"]]
     return "\n".join(parts)

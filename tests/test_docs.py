@@ -243,7 +243,7 @@ def test_a_table_renders_with_its_caption(tmp_path):
     _write(tmp_path, "bench", PROVENANCE, {"main": TABLE})
     rendered = docs_macros.render_results_table("bench", "main", "reference/page.md", tmp_path)
     assert rendered.splitlines()[:4] == ["| a | b |", "|---|---|", "| x\\|y | 1.235 |", "| z |  |"]
-    assert ("*Measured by `python -m benchmarks.scaling` at commit `0123456` on Test CPU, 2 cores, 2026-12-08 "
+    assert ("*t.* *Measured by `python -m benchmarks.scaling` at commit `0123456` on Test CPU, 2 cores, 2026-12-08 "
             "([bench.json](../results/bench.json)).*") in rendered
     assert rendered.endswith("A note.")
 
