@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import brier_score_loss
 
+from benchmarks.results import write_result
 from chestct.evaluation.calibration import METHODS, expected_calibration_error, fit_calibration
 from chestct.evaluation.scoring import predict_scores
 from chestct.imaging.processed import load_split
@@ -67,8 +68,6 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps(runs, indent=1))
     if args.results:
-        from benchmarks.results import write_result
-
         labels = dict(zip(runs, args.labels or list(runs), strict=True))
         table = methods_table({labels[model]: figures for model, figures in runs.items()}, args.bins)
         print(f"written: {write_result(args.results, {'tables': {'ece_brier': table}, 'runs': runs})}")

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from benchmarks.results import write_result
 from chestct.data.phantoms import render_phantom
 from chestct.imaging.decode import decode_with_colour
 from chestct.imaging.domain import check_chest_ct
@@ -90,8 +91,6 @@ def main() -> None:
     if args.figure and refused:
         _figure(args.figure, [item for item in refused if item[0] == next(iter(sources))] or refused)
     if not args.no_results:
-        from benchmarks.results import write_result
-
         figures = {"tables": {"first_layer": first_layer_table(report)}, "report": report}
         print(f"written: {write_result('domain_check', figures)}")
 

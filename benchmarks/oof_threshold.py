@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+from benchmarks.results import write_result
 from benchmarks.seeds import project_overrides
 from tests.pipeline_repo import make_pipeline_repo, run, update_params
 
@@ -201,8 +202,6 @@ def main() -> None:
                                     "per_seed": results}, indent=2) + "\n")
     print(f"written: {args.out}")
     if not args.no_results:
-        from benchmarks.results import write_result
-
         figures = {"tables": {"oof": oof_table(results, seeds)}, "seeds": seeds, "folds": args.folds,
                    "overrides": overrides, "per_seed": results}
         print(f"written: {write_result('oof_threshold', figures)}")

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.results import write_result
+
 BANK = 200  # distinct phantoms per class
 SPLIT_SHARES = (("train", 0.70), ("valid", 0.15), ("test", 0.15))
 
@@ -238,8 +240,6 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
     _print_table(rows, pipe256, model256, model_backbone, sizes[0])
     if not args.no_results:
-        from benchmarks.results import write_result
-
         figures = {"tables": {"cost": cost_table(rows, args.px)}, "rows": rows, "pipeline_256px": pipe256,
                    "model_256px": model256, "model_backbone": model_backbone}
         print(f"written: {write_result('scaling', figures)}")

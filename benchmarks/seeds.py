@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from benchmarks.results import write_result
 from tests.pipeline_repo import make_pipeline_repo, run, update_params
 
 # (label, metrics file, dotted key) of every headline figure, in the order the table prints them.
@@ -242,8 +243,6 @@ def main() -> None:
                                     "worst_perturbation": worst_names}, indent=2) + "\n")
     print(f"written: {args.out}")
     if args.results:
-        from benchmarks.results import write_result
-
         title = f"{len(seeds)} seeds, " + (" ".join(f"-S {text}" for text in args.overrides) or "the defaults")
         figures = {"tables": {args.table: seeds_table(summary, seeds, title)}, "seeds": seeds,
                    "overrides": overrides, "summary": summary, "worst_perturbation": worst_names}
