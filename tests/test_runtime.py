@@ -26,3 +26,23 @@ def _probe(setting: str | None) -> list[str]:
 def test_onednn_follows_chestct_default_and_the_environment(setting, expected):
     # TensorFlow itself reports whether it runs oneDNN kernels; chestct's own report must agree with it.
     assert _probe(setting) == expected
+
+
+ENTRY_POINTS = ("stages.train_phase1", "stages.evaluate", "chestct.cli", "chestct.serving.app", "benchmarks.epoch_time")
+SETTINGS_PROBE = (
+    "import importlib, os, sys; importlib.import_module(sys.argv[1]); import tensorflow as tf; "
+    "from chestct.training.input_pipeline import pipeline_options; "
+    "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'), tf.config.threading.get_inter_op_parallelism_threads(), "
+    "tf.config.threading.get_intra_op_parallelism_threads(), pipeline_options().autotune.enabled)")
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_every_entry_point_runs_with_the_same_runtime_settings(entry_point):
+    # Read back from TensorFlow and the environment after importing the entry point as its command would: oneDNN
+    # on, both thread pools at TensorFlow's "every core" (0: nothing narrows them), tf.data autotuning off.
+    env = {key: value for key, value in os.environ.items() if key != "TF_ENABLE_ONEDNN_OPTS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    completed = subprocess.run([sys.executable, "-c", SETTINGS_PROBE, entry_point], env=env, capture_output=True,
+                               text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.split()[-4:] == ["1", "0", "0", "False"]

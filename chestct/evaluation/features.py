@@ -14,6 +14,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from chestct.training.input_pipeline import array_batches
 from chestct.training.model import PREDICTION_NAME, float32_copy
 
 POOLING_NAME = "pooling"  # the pooling layer of a model without a lesion map (chestct.training.model)
@@ -60,7 +61,7 @@ def predict_features(model: keras.Model, images: np.ndarray, batch_size: int) ->
     """Pooled features (N, D) float64 of every image, in order, computed in float32 as the export computes them
     (a mixed-precision model is copied to float32 first, chestct.training.model.float32_copy)."""
     view = feature_view(float32_copy(model))
-    features = np.asarray(view.predict(images, batch_size=batch_size, verbose=0), np.float64)
+    features = np.asarray(view.predict(array_batches(images, batch_size), verbose=0), np.float64)
     if len(features) != len(images):
         raise RuntimeError(f"features of {len(features)} of {len(images)} images")
     return features.reshape(len(images), -1)

@@ -34,6 +34,7 @@ from chestct.training.lesion_map import LesionMapLoss
 from chestct.training.lesion_pool import SOURCE_DESCRIPTIONS, CropPreparation, LesionPool, build_lesion_pool
 from chestct.training.losses import make_loss
 from chestct.training.model import has_lesion_map, prediction_of
+from chestct.training.pace import CorePace
 from chestct.training.photometric import standardise_tf
 
 MONITOR = "val_auc"
@@ -137,9 +138,9 @@ class ValidationAUC(keras.callbacks.Callback):
 class EpochReport(keras.callbacks.Callback):
     """One line per epoch with the figures that matter and an estimate of the time left."""
 
-    def __init__(self, phase: str, epochs: int):
+    def __init__(self, phase: str, epochs: int, pace: CorePace | None = None):
         super().__init__()
-        self.phase, self.epochs = phase, epochs
+        self.phase, self.epochs, self.pace = phase, epochs, pace
         self.best = -math.inf
 
     def on_train_begin(self, logs: dict | None = None) -> None:
@@ -160,7 +161,10 @@ class EpochReport(keras.callbacks.Callback):
         print(f"{self.phase} epoch {epoch + 1}/{self.epochs}  loss {logs.get('loss', float('nan')):.4f}  "
               f"val_loss {logs.get('val_loss', float('nan')):.4f}  val_auc {auc:.4f}{split}{marker}  "
               f"lr {logs.get('learning_rate', float('nan')):.1e}  {per_epoch:.1f} s/epoch  "
-              f"ETA {remaining / 60:.1f} min (at most)", flush=True)
+              f"ETA {remaining / 60:.1f} min (at most)"
+              + (f"  training {self.pace.describe()}" if self.pace is not None else ""), flush=True)
+        if self.pace is not None and self.pace.warning:
+            print(f"{self.phase} epoch {epoch + 1}: {self.pace.warning}", flush=True)
 
 
 @dataclass(frozen=True)
@@ -261,15 +265,17 @@ def train_phase(model: keras.Model, loss: keras.losses.Loss, train: SplitArrays,
         lesion_check = build_lesion_check(valid, params.augment.lesion_insertion, params.preprocess, params.seed)
     checkpoint_dir = Path(tempfile.mkdtemp(prefix=f"chestct-{phase_name}-"))
     checkpoint = checkpoint_dir / model_path.name
+    pace = CorePace(settings.batch_size, settings.steps_per_epoch)
     callbacks = [
-        # first: the others read what it logs
+        pace,  # first: it times the training steps, before the validation pass below
+        # before the rest: they read what it logs
         ValidationAUC(valid_ds, loss, robust_ds, lesion_check, settings.selection == "val_auc_lesion"),
         keras.callbacks.ModelCheckpoint(checkpoint, monitor=MONITOR, mode="max", save_best_only=True),
         keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=settings.early_stopping_patience,
                                       restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", factor=settings.reduce_lr.factor,
                                           patience=settings.reduce_lr.patience, min_lr=settings.reduce_lr.min_lr),
-        EpochReport(phase_name, phase.epochs),
+        EpochReport(phase_name, phase.epochs, pace),
     ]
     if chief:
         callbacks.insert(-1, DVCLiveCallback(live=Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False,
