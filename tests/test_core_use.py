@@ -8,7 +8,8 @@ import time
 import pytest
 import tensorflow as tf
 
-from chestct.training.input_pipeline import array_batches, training_dataset, validation_dataset
+from chestct.tf_data import array_batches
+from chestct.training.input_pipeline import training_dataset, validation_dataset
 from chestct.training.lesion_pool import LesionPool
 from chestct.training.pace import MIN_CORE_SHARE, CorePace, under_used_warning
 from tests.test_input_pipeline import make_arrays, train_params

@@ -31,7 +31,7 @@ def test_onednn_follows_chestct_default_and_the_environment(setting, expected):
 ENTRY_POINTS = ("stages.train_phase1", "stages.evaluate", "chestct.cli", "chestct.serving.app", "benchmarks.epoch_time")
 SETTINGS_PROBE = (
     "import importlib, os, sys; importlib.import_module(sys.argv[1]); import tensorflow as tf; "
-    "from chestct.training.input_pipeline import pipeline_options; "
+    "from chestct.tf_data import pipeline_options; "
     "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'), tf.config.threading.get_inter_op_parallelism_threads(), "
     "tf.config.threading.get_intra_op_parallelism_threads(), pipeline_options().autotune.enabled)")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from chestct.training.input_pipeline import array_batches
+from chestct.tf_data import array_batches
 from chestct.training.model import PREDICTION_NAME, float32_copy
 
 POOLING_NAME = "pooling"  # the pooling layer of a model without a lesion map (chestct.training.model)

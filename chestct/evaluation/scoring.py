@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # only for annotations: external validation imports this modu
 
 def predict_scores(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
     """Cancer probability for every image, in order, in one pass (none dropped)."""
-    from chestct.training.input_pipeline import array_batches
+    from chestct.tf_data import array_batches
 
     scores = model.predict(array_batches(images, batch_size), verbose=0).astype(np.float64).ravel()
     if len(scores) != len(images):

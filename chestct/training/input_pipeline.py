@@ -32,12 +32,8 @@ mask together; MixUp blends them alike.
 Distribution: every worker builds the same global batches and tf.data's DATA auto-sharding hands each replica
 its slice of each one, so N workers take the same optimisation steps as one process with the same batch.
 
-Options: every dataset chestct builds carries `pipeline_options()`, which turns tf.data's autotuning off. Its
-model thread sleeps in doubling periods (10 ms, 20 ms, ... up to a minute) and, on TensorFlow 2.21, destroying an
-iterator waits for the current period to end: every `fit` and `predict` call and every validation pass then ended
-with both cores idle until the next period boundary (a 7-second fit returned at 10.23 s; a 142-second epoch at
-163.8 s). With autotuning off, `tf.data.AUTOTUNE` parallelism means one call per core and prefetching keeps its
-own buffer tuning, which is what a 2-core machine wants anyway (docs/benchmarks.md, "One core or two").
+Options: every dataset here carries `chestct.tf_data.pipeline_options()`: tf.data's autotuning off (its thread
+idled both cores at the end of every fit and validation pass) and DATA auto-sharding.
 """
 
 from __future__ import annotations
@@ -51,6 +47,7 @@ from chestct.errors import ChestctError
 from chestct.imaging.processed import SplitArrays
 from chestct.labels import CANCER, NORMAL
 from chestct.params import AugmentParams, TrainParams
+from chestct.tf_data import pipeline_options
 from chestct.training.augmentation import build_augmenter, mixup, mixup_with_lesion_targets, seed_pair
 from chestct.training.lesion_pool import LesionPool
 
@@ -266,21 +263,6 @@ def _lesion_training_dataset(arrays: SplitArrays, augment_params: AugmentParams,
 
     batches = batches.map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return batches.prefetch(tf.data.AUTOTUNE).with_options(pipeline_options())
-
-
-def pipeline_options() -> tf.data.Options:
-    """The options of every dataset chestct builds: autotuning off (module docstring, "Options"), and DATA
-    auto-sharding, so under a multi-worker strategy each worker keeps its replicas' slices of every global batch."""
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return options
-
-
-def array_batches(images: np.ndarray, batch_size: int) -> tf.data.Dataset:
-    """In-memory images in order, batched, with the project's options: what `model.predict` should be given
-    instead of a bare array (Keras would build its own dataset, autotuned, and wait at its end)."""
-    return tf.data.Dataset.from_tensor_slices(images).batch(batch_size).with_options(pipeline_options())
 
 
 def validation_dataset(arrays: SplitArrays, batch_size: int) -> tf.data.Dataset:

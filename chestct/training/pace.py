@@ -5,7 +5,7 @@ the wall time of the training steps should be close to the number of cores it ma
 (the cores wait on something: an input pipeline, a lock, a sleeping thread), the epoch is slower than it need be
 and its timings mean nothing; `CorePace` says so in the epoch's line instead of leaving it to be found by chance.
 (It once found this: tf.data's autotuning thread kept both cores idle at the end of every fit and validation
-pass, chestct.training.input_pipeline, "Options".)
+pass, chestct.tf_data.)
 """
 
 from __future__ import annotations
