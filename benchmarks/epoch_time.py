@@ -49,7 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.results import write_result
+from benchmarks.results import provenance, write_result
+from chestct.atomic_io import write_json
 
 WINDOW_STEPS = 5  # the cores used are also judged over windows of this many steps
 
@@ -329,7 +330,7 @@ def _cores(entry: dict) -> str:
 
 
 def build_tables(rows: dict[str, dict], steps: int, full_steps: int, batch_size: int, repeats: str,
-                 reference: str) -> dict:
+                 reference: str, epochs: dict[str, int]) -> dict:
     """The tables the documentation renders: epochs per row, precision against float32, and the goals."""
     summaries = {name: summarise(result, steps, full_steps) for name, result in rows.items()}
     naive = summaries.get("naive loop")
@@ -362,9 +363,24 @@ def build_tables(rows: dict[str, dict], steps: int, full_steps: int, batch_size:
             "columns": ["phase", *[name.removeprefix("project ") for name in precisions[1:]]],
             "rows": [[phase, *[f"{base[phase]['train_s']['median'] / summaries[name][phase]['train_s']['median']:.2f}x"
                                for name in precisions[1:]]] for phase in ("phase1", "phase2")]}
+    project = summaries[reference]
+    seconds = {phase: epochs[phase] * project[phase]["epoch_s"] for phase in ("phase1", "phase2")}
+    tables["training_time"] = {
+        "title": f"Training the default configuration on this CPU ({reference}): at most, if no epoch stops early",
+        "columns": ["phase", "epochs (params.yaml)", f"one epoch of {full_steps} steps, validation included",
+                    "all epochs"],
+        "rows": [*[[phase, str(epochs[phase]), f"{project[phase]['epoch_s']:.0f} s", _duration(seconds[phase])]
+                   for phase in ("phase1", "phase2")],
+                 ["both phases", str(sum(epochs.values())), "", _duration(sum(seconds.values()))]],
+        "notes": "Early stopping (train.early_stopping_patience) usually ends phase 2 sooner."}
     tables["goals"] = {"title": "The figures this benchmark is judged by", "columns": ["figure", "measured", "goal"],
                        "rows": _goal_rows(summaries, reference)}
     return tables
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
 def _goal_rows(summaries: dict[str, dict], reference: str) -> list[list[str]]:
@@ -400,6 +416,26 @@ def _print_tables(tables: dict) -> None:
             print("| " + " | ".join(row) + " |")
 
 
+def _epochs(params) -> dict[str, int]:
+    return {"phase1": params.train.phase1.epochs, "phase2": params.train.phase2.epochs}
+
+
+def retable(path: Path) -> None:
+    """Rebuild a results file's tables from the raw rows it keeps (after the tables' code changed), keeping the
+    run's provenance and adding when and at which commit the tables were rebuilt."""
+    stored = json.loads(path.read_text())
+    figures, params = stored["figures"], _benchmark_params()
+    repeats = str(figures["repeats"]) if figures["naive_repeats"] == figures["repeats"] or \
+        "naive loop" not in figures["rows"] else f"{figures['repeats']} ({figures['naive_repeats']} for the naive loop)"
+    figures["tables"] = build_tables(figures["rows"], figures["steps"], params.train.steps_per_epoch,
+                                     params.train.batch_size, repeats, reference=next(iter(figures["rows"])),
+                                     epochs=_epochs(params))
+    now = provenance(["--retable", str(path)])
+    stored["provenance"]["tables_rebuilt"] = {key: now[key] for key in ("command", "commit", "dirty", "date")}
+    write_json(path, stored)
+    _print_tables(figures["tables"])
+
+
 def _plan(args, params) -> list[dict]:
     rows = [{"name": f"project {precision}", "loop": "project", "precision": precision, "onednn": True,
              "deterministic": params.train.deterministic} for precision in args.precisions.split(",")]
@@ -433,6 +469,8 @@ def main() -> None:
     parser.add_argument("--skip-bare", action="store_true", help="no `bare fit` row")
     parser.add_argument("--skip-determinism", action="store_true", help="no row with train.deterministic flipped")
     parser.add_argument("--no-results", action="store_true", help="print only; leave docs/results/ alone")
+    parser.add_argument("--retable", type=Path, metavar="JSON",
+                        help="only rebuild the tables of a results file from the raw rows it keeps")
     parser.add_argument("--worker", choices=("project", "naive", "bare"), help=argparse.SUPPRESS)
     parser.add_argument("--deterministic", choices=("true", "false"), help=argparse.SUPPRESS)
     parser.add_argument("--splits", type=Path, help=argparse.SUPPRESS)
@@ -441,6 +479,9 @@ def main() -> None:
     naive_repeats = args.naive_repeats or args.repeats
     if min(args.repeats, naive_repeats) < 1:
         parser.error("--repeats and --naive-repeats must be at least 1")
+    if args.retable:
+        retable(args.retable)
+        return
     if args.worker:
         worker(args.worker, args.precisions, args.deterministic == "true", args.splits, args.steps, args.repeats,
                args.result)
@@ -466,7 +507,7 @@ def main() -> None:
     repeats = str(args.repeats) if naive_repeats == args.repeats or args.skip_naive else \
         f"{args.repeats} ({naive_repeats} for the naive loop)"
     tables = build_tables(rows, steps, params.train.steps_per_epoch, params.train.batch_size, repeats,
-                          reference=plan[0]["name"])
+                          reference=plan[0]["name"], epochs=_epochs(params))
     _print_tables(tables)
     if not args.no_results:
         path = write_result("epoch_time", {"tables": tables, "source": source, "steps": steps,

@@ -56,12 +56,44 @@ def test_a_project_iterator_is_released_at_once(project_datasets):
         assert max(_seconds_to_release(project_datasets[name]) for _ in range(3)) < 0.2, name
 
 
-def test_the_guard_judges_the_share_of_cores_and_spares_the_tracing_epoch():
+def test_the_guard_judges_the_share_of_cores():
     assert under_used_warning(1.87, 2) is None
     warning = under_used_warning(1.05, 2)
     assert warning is not None and "1.05 of 2 cores" in warning and f"{MIN_CORE_SHARE * 2:.2f}" in warning
-    assert under_used_warning(1.05, 2, first_epoch=True) is None
     assert under_used_warning(0.9, 1) is None
+
+
+class _FakeClock:
+    """Stands in for the wall and CPU clocks CorePace reads, so an epoch's figures are known exactly."""
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    def advance(self, wall: float, cpu: float) -> None:
+        self.wall += wall
+        self.cpu += cpu
+
+
+@pytest.mark.parametrize(("epoch", "step_s", "cores_used", "warned"), [
+    (1, 1.0, 1.05, True),     # a compute-bound epoch on about one core of two
+    (1, 1.0, 1.88, False),    # both cores busy
+    (0, 1.0, 1.05, False),    # the first epoch traces the graph on one thread
+    (1, 0.05, 1.05, False),   # steps too short to be compute-bound
+])
+def test_the_guard_warns_only_for_a_compute_bound_epoch_on_too_few_cores(monkeypatch, epoch, step_s, cores_used,
+                                                                          warned):
+    from chestct.training import pace as pace_module
+
+    clock = _FakeClock()
+    monkeypatch.setattr(pace_module.time, "perf_counter", lambda: clock.wall)
+    monkeypatch.setattr(pace_module, "process_cpu_seconds", lambda: clock.cpu)
+    pace = CorePace(images_per_step=16, steps_per_epoch=10, cores=2)
+    pace.on_epoch_begin(epoch)
+    clock.advance(wall=10 * step_s, cpu=10 * step_s * cores_used)
+    pace.on_epoch_end(epoch)
+    assert pace.images_per_s == pytest.approx(16 / step_s)
+    assert pace.cores_used == pytest.approx(cores_used)
+    assert (pace.warning is not None) == warned
 
 
 def test_the_guard_measures_the_training_steps_of_a_real_fit(project_datasets, default_params):

@@ -18,6 +18,9 @@ import keras
 # Below this share of the available cores, a training epoch is reported as under-using the machine. Healthy
 # epochs measured here keep 0.93-0.96 of 2 cores busy; the idling epochs the guard exists for kept 0.52-0.66.
 MIN_CORE_SHARE = 0.75
+# Steps shorter than this are not judged: with a tiny model or image, per-step Python overhead, not arithmetic,
+# sets the pace, and a low share says nothing about idle cores (the default model's steps take 1-1.5 s here).
+MIN_STEP_SECONDS = 0.25
 
 
 def available_cores() -> int:
@@ -54,19 +57,19 @@ class CorePace(keras.callbacks.Callback):
         wall = time.perf_counter() - self._wall
         self.images_per_s = self.images_per_step * self.steps_per_epoch / wall
         self.cores_used = (process_cpu_seconds() - self._cpu) / wall
-        self.warning = under_used_warning(self.cores_used, self.cores, first_epoch=epoch == 0)
+        # the first epoch also traces the training step's graph, on one thread
+        judged = epoch > 0 and wall / self.steps_per_epoch >= MIN_STEP_SECONDS
+        self.warning = under_used_warning(self.cores_used, self.cores) if judged else None
 
     def describe(self) -> str:
         """e.g. "11.2 img/s on 1.87 of 2 cores" (for the epoch's line)."""
         return f"{self.images_per_s:.1f} img/s on {self.cores_used:.2f} of {self.cores} cores"
 
 
-def under_used_warning(cores_used: float, cores: int, first_epoch: bool = False) -> str | None:
-    """The warning for an epoch that kept `cores_used` of `cores` busy, or None when that is as it should be.
-
-    The first epoch of a phase also traces the training step's graph, on one thread: it is not judged.
-    """
-    if first_epoch or cores_used >= MIN_CORE_SHARE * cores:
+def under_used_warning(cores_used: float, cores: int) -> str | None:
+    """The warning for a compute-bound epoch that kept `cores_used` of `cores` busy, or None when that is as it
+    should be."""
+    if cores_used >= MIN_CORE_SHARE * cores:
         return None
     return (f"warning: the training steps kept {cores_used:.2f} of {cores} cores busy (expected at least "
             f"{MIN_CORE_SHARE * cores:.2f}); something idles the CPU or competes for it: another process "
