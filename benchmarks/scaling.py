@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.results import write_result
+from benchmarks.results import cpu_name, write_result
 
 BANK = 200  # distinct phantoms per class
 SPLIT_SHARES = (("train", 0.70), ("valid", 0.15), ("test", 0.15))
@@ -211,7 +211,7 @@ def main() -> None:
           f"{params.preprocess.shard_images}, crop {params.preprocess.crop}, denoise "
           f"{params.preprocess.denoise.method}, intensity {params.preprocess.intensity}; epoch of "
           f"{params.train.steps_per_epoch} steps x {params.train.batch_size} on {args.epoch_backbone}; "
-          f"CPU: {_cpu_name()}, {os.cpu_count()} cores", flush=True)
+          f"CPU: {cpu_name()}, {os.cpu_count()} cores", flush=True)
     bank = _bank()
     rows = []
     try:
@@ -259,16 +259,6 @@ def cost_table(rows: list[dict], px: int) -> dict:
             "columns": ["images", "preprocess", f"ms/image (x {rows[0]['size']:,})",
                         "preprocess peak RSS, main / worker", "shards on disk", "input pipeline alone",
                         "one training epoch: time, peak RSS"], "rows": table}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def _print_table(rows: list[dict], pipe256: dict, model256: dict, backbone: str, first_size: int) -> None:
