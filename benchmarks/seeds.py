@@ -75,8 +75,8 @@ FIGURES = [
 ]
 
 
-# The cross-source panel under ../shared/data/cross-source (its PROVENANCE.txt): README "Does it work on other
-# scanners?". Paths are made absolute: the pipeline runs in a temporary copy of the project.
+# The cross-source panel under ../shared/data/cross-source (its PROVENANCE.txt): docs/external-validation.md.
+# Paths are made absolute: the pipeline runs in a temporary copy of the project.
 PANEL_SETS = (("lung_pet_ct_dx", "lung-pet-ct-dx", "annotated_series"), ("luna16_normal", "luna16-normal",
                                                                         "normal_only"))
 

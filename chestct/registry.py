@@ -1,6 +1,6 @@
 """The model registry: fetch the export of a registered version or stage, by name, into a local cache folder.
 
-Versions and stages are GTO git tags (`chestct@v1.2.0`, `chestct#prod#1`; README "Model registry"); the files
+Versions and stages are GTO git tags (`chestct@v1.2.0`, `chestct#prod#1`; docs/registry.md); the files
 come from the DVC remote of the repository that holds the tags, the way `dvc artifacts get` fetches them. A
 reference names the artifact declared in dvc.yaml `artifacts:` and, optionally, what to take of it:
 

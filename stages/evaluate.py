@@ -216,7 +216,7 @@ def _print_summary(metrics: dict, choice: dict) -> None:
         where, normals, slices = "the out-of-fold pool", pool["normal_images"], pool["normal_slices"]
     if slices < FEW_DISTINCT_NORMALS:
         advice = ("; `-S evaluate.threshold.chosen_on=out_of_fold` chooses it on every distinct slice of train + "
-                  "valid instead (README, Evaluation)") if pool is None else ""
+                  "valid instead (docs/evaluation.md)") if pool is None else ""
         print(f"  warning: {where} holds {normals} Normal images but only {slices} distinct Normal slices "
               "(near-duplicate groups): the threshold rests on too few to transfer, so read test specificity with "
               f"that in mind{advice}")

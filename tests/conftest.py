@@ -121,10 +121,10 @@ def live_server(tiny_export):
         yield url
 
 
-# --- the two configurations the README compares ----------------------------------------------------------------
+# --- the two configurations the docs compare -------------------------------------------------------------------
 
 # The original pipeline (CLAHE, pad and resize, intensity augmentation), the default until the lesion configuration
-# was measured better (README "What the model learned"); still reachable through params.
+# was measured better (docs/model-learned.md); still reachable through params.
 ORIGINAL_CONFIGURATION = {
     "preprocess": {"crop": "none", "mask": "body", "clahe": {"enabled": True}, "denoise": {"method": "none"},
                    "intensity": "none"},
@@ -136,7 +136,7 @@ ORIGINAL_CONFIGURATION = {
     "evaluate": {"threshold": {"method": "youden"}},
 }
 
-# The lesion configuration (README "Making the model learn the lesion"): the defaults in params.yaml.
+# The lesion configuration (docs/lesion-configuration.md): the defaults in params.yaml.
 LESION_CONFIGURATION = {
     "preprocess": {"crop": "lungs", "mask": "lungs", "clahe": {"enabled": False},
                    "denoise": {"method": "nlmeans", "strength": 2.0},

@@ -33,12 +33,12 @@ def test_defaults_keep_the_original_design_and_the_measured_lesion_configuration
     assert p.augment.sharpness.range == (0.5, 2.2) and p.augment.rotation.degrees == 30
     assert p.augment.shift.fraction == 0.2 and p.augment.zoom.fraction == 0.2
     assert p.train.balanced_batches and p.data.source == "kaggle" and p.split.dedup == "keep"
-    # The lesion configuration became the default by measurement (README "What the model learned").
+    # The lesion configuration became the default by measurement (docs/model-learned.md).
     assert p == lesion_params
 
 
 def test_the_lesion_configuration_is_valid_and_every_step_is_on(lesion_params):
-    """README "Making the model learn the lesion": one set of overrides, all of them real params."""
+    """docs/lesion-configuration.md: one set of overrides, all of them real params."""
     p = lesion_params
     assert (p.preprocess.crop, p.preprocess.mask, p.preprocess.intensity, p.preprocess.denoise.method) == (
         "lungs", "lungs", "equalise_in_mask", "nlmeans")

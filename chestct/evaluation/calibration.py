@@ -114,9 +114,9 @@ def _figures(labels: np.ndarray, probabilities: np.ndarray, bins: int) -> dict:
 
 def calibration_report(fit_labels, fit_scores, fitted_on: str, test_labels, test_scores, threshold: float,
                        method: str, bins: int, level: float, resamples: int, seed: int) -> tuple[CalibrationMap, dict]:
-    """The chosen map and what metrics/eval.json reports of it (names as in README "What the probability
-    means"). Scores that cannot be calibrated by `method` (a model that does not rank on the fitting split) leave
-    the export uncalibrated, with the reason in `not_fitted`, rather than stopping the evaluation."""
+    """The chosen map and what metrics/eval.json reports of it (names as in docs/calibration-domain.md). Scores
+    that cannot be calibrated by `method` (a model that does not rank on the fitting split) leave the export
+    uncalibrated, with the reason in `not_fitted`, rather than stopping the evaluation."""
     not_fitted = None
     try:
         chosen = fit_calibration(fit_labels, fit_scores, method, fitted_on)

@@ -2,7 +2,7 @@
 
 The export stage records both in metadata.json (`source`), so a model fetched from the registry, or found on a
 server, names the code and params that produced it. The version is a GTO registration tag (`chestct@v1.2.0`, see
-README "Model registry") on that commit. A first export is committed, then registered, so its commit carries no tag
+docs/registry.md) on that commit. A first export is committed, then registered, so its commit carries no tag
 yet when the stage runs and the version is null; it is recorded when the export is reproduced from a registered
 commit (CI rebuilding a release). `gto check-ref <revision>` answers which version a recorded revision became.
 Outside a git repository (or without git) both are null.

@@ -2,7 +2,7 @@
 
 The detailed files (metrics/eval.json, train_phase*.json, export.json) keep every key: `dvc metrics diff` needs
 them. This file repeats the dozen figures a reader compares runs by, under short names of its own, so they never
-collide with a detailed key and DVC shows them without a file prefix (README "Reading experiment tables").
+collide with a detailed key and DVC shows them without a file prefix (docs/experiments.md, "Reading experiment tables").
 Every key is always written: a figure whose audit was switched off (robustness, histogram matching) or whose
 metrics file is absent is null, so the columns stay the same from run to run.
 """

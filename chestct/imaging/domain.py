@@ -4,7 +4,7 @@ already finds (chestct.imaging.anatomy): the first layer of the domain check on 
 A photograph, a chest X-ray, a document, a blank or random image, an abdominal slice or a slice turned on its side
 gets an answer from the model all the same; these checks say it is not what the model was made for, with the
 reason. They are deliberately loose: they only have to pass every axial chest CT the project has seen (the Kaggle
-set, the cross-source scanners, the phantoms; README "What the probability means" has the figures) and catch
+set, the cross-source scanners, the phantoms; docs/calibration-domain.md has the figures) and catch
 what is plainly something else. Passing them does not make an image in-domain for the model: the second layer
 (the distance in the model's feature space) judges that.
 

@@ -3,8 +3,8 @@ take the service down.
 
 uvicorn closes idle keep-alive connections (`timeout_keep_alive`) and caps open connections in total
 (`limit_concurrency`, then 503 for everyone), but it has no deadline for a request's headers and no cap per
-client: 200 sockets that send one header line and wait hold the whole limit for as long as they like (README
-"Serving", the slow-client probes). Hypercorn's `read_timeout` is an idle timeout (a byte every few seconds resets
+client: 200 sockets that send one header line and wait hold the whole limit for as long as they like (docs/serving.md,
+the slow-client probes). Hypercorn's `read_timeout` is an idle timeout (a byte every few seconds resets
 it), and Granian has a header timeout but no per-client cap; none of the three caps connections per address. So
 the service runs uvicorn with `guarded_protocol(...)` as its HTTP protocol: uvicorn's own h11 protocol, plus
 

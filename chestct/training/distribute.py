@@ -49,7 +49,7 @@ def cluster_from_environment() -> dict:
     raw = os.environ.get(TF_CONFIG, "").strip()
     how = (f"set {TF_CONFIG} on every worker, e.g. "
            '{"cluster": {"worker": ["host1:2222", "host2:2222"]}, "task": {"type": "worker", "index": 0}} '
-           '(README "Scaling out"), or use train.distribute: none')
+           '(docs/scaling.md), or use train.distribute: none')
     if not raw:
         raise DistributeError(f"train.distribute is multi_worker but {TF_CONFIG} is not set; {how}")
     try:
