@@ -128,23 +128,20 @@ def _project_validation(model, valid, batch_size: int) -> tuple[dict, float]:
     return timing, exact_auc(valid.labels, scores)
 
 
-def _epoch_timer(validate, runs: list):
-    """A Keras callback that times each epoch's training steps (seconds, cores used), then runs `validate` (if
-    any) and times it, as the project's ValidationAUC does at the end of each epoch; appends one run per epoch."""
-    import keras
+def _epoch_timer(validate, runs: list, images_per_step: int, steps: int):
+    """The training loop's own CorePace (each epoch's training steps: seconds, cores used), then `validate` (if
+    any), timed, as the project's ValidationAUC runs it at the end of each epoch; appends one run per epoch."""
+    from chestct.training.pace import CorePace
 
-    class EpochTimer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch: int, logs=None) -> None:
-            self._wall, self._cpu = time.perf_counter(), time.process_time()
-
+    class EpochTimer(CorePace):
         def on_epoch_end(self, epoch: int, logs=None) -> None:
-            seconds = time.perf_counter() - self._wall
-            run = {"train": {"seconds": seconds, "cores": (time.process_time() - self._cpu) / seconds}}
+            super().on_epoch_end(epoch, logs)
+            run = {"train": {"seconds": self.seconds, "cores": self.cores_used}}
             if validate is not None:
                 run["valid"], run["auc"] = validate(self.model)
             runs.append(run)
 
-    return EpochTimer()
+    return EpochTimer(images_per_step, steps)
 
 
 def _phases(model, params, steps: int, repeats: int, dataset, validate):
@@ -164,7 +161,7 @@ def _phases(model, params, steps: int, repeats: int, dataset, validate):
         runs, windows = [], _window_pace()
         started = time.perf_counter()
         model.fit(dataset, epochs=repeats, steps_per_epoch=steps, verbose=0,
-                  callbacks=[_epoch_timer(validate, runs), windows])
+                  callbacks=[_epoch_timer(validate, runs, params.train.batch_size, steps), windows])
         end_of_epochs = windows.last_epoch_end
         results[phase] = {"runs": runs, "window_cores_min": windows.least if windows.least < float("inf") else None,
                           "teardown_s": time.perf_counter() - end_of_epochs, "fit_s": end_of_epochs - started}

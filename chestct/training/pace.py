@@ -40,21 +40,22 @@ class CorePace(keras.callbacks.Callback):
     """Measures each epoch's training steps (not its validation): images/s and CPU time over wall time.
 
     Put it FIRST in the callback list: its `on_epoch_end` then runs before the validation pass, which other
-    callbacks run in theirs. The figures of the last epoch are in `images_per_s`, `cores_used` and `warning`.
+    callbacks run in theirs. The figures of the last epoch are in `seconds` (its training steps' wall time),
+    `images_per_s`, `cores_used` and `warning`.
     """
 
     def __init__(self, images_per_step: int, steps_per_epoch: int, cores: int | None = None):
         super().__init__()
         self.images_per_step, self.steps_per_epoch = images_per_step, steps_per_epoch
         self.cores = cores or available_cores()
-        self.images_per_s = self.cores_used = float("nan")
+        self.seconds = self.images_per_s = self.cores_used = float("nan")
         self.warning: str | None = None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._wall, self._cpu = time.perf_counter(), process_cpu_seconds()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        wall = time.perf_counter() - self._wall
+        self.seconds = wall = time.perf_counter() - self._wall
         self.images_per_s = self.images_per_step * self.steps_per_epoch / wall
         self.cores_used = (process_cpu_seconds() - self._cpu) / wall
         # the first epoch also traces the training step's graph, on one thread
