@@ -5,9 +5,11 @@ the model: how far are its own pooled features (the vector the head reads, chest
 what it saw in training? The evaluate stage fits class-conditional Gaussians with one shared covariance on the
 training images' features, shrunk with scikit-learn's LedoitWolf because there are fewer images than features
 (chestct.evaluation.domain); the distance of an image is its Mahalanobis distance to the nearer class mean, and
-the cut is a declared quantile of the validation images' distances (`evaluate.domain.quantile`): at 0.99, about
-1 in 100 images like the validation split is flagged. The export carries the fit (`domain.npz`, its digest in
-metadata.json) and the predictor applies it to the features every format gives beside the probability.
+the cut is a declared quantile (`evaluate.domain.quantile`) of held-out distances: the validation images', or,
+with `evaluate.domain.cut_on: cross_fitted`, those pooled with the training images' own distances measured by
+Gaussians fitted without them (chestct.evaluation.domain). At 0.99, about 1 in 100 in-domain images is flagged.
+The export carries the fit (`domain.npz`, its digest in metadata.json) and the predictor applies it to the
+features every format gives beside the probability.
 
 A distance inside the cut does not make an answer right: an in-domain image can still be misread. It says the
 image is not unusual for this model, which is what the validation figures rest on.
@@ -40,6 +42,8 @@ class FeatureDomain:
     quantile: float
     fitted_images: int  # training images the Gaussians were fitted on
     validation_images: int  # validation images the cut was set on
+    # what the cut is a quantile of, in words; files written before cut_on existed used validation alone
+    cut_basis: str = "the validation images"
 
     @property
     def feature_dim(self) -> int:
@@ -60,17 +64,17 @@ class FeatureDomain:
         if distance <= self.cut:
             return None
         return (f"unlike the training images (distance {distance:.1f} > {self.cut:.1f}, the "
-                f"{self.quantile:g} quantile of the validation images): the model was not validated on images "
-                f"like this one")
+                f"{self.quantile:g} quantile of {self.cut_basis}): the model was not validated on images like "
+                f"this one")
 
     def describe(self) -> str:
-        return (f"feature distance cut {self.cut:.2f} (the {self.quantile:g} quantile of {self.validation_images} "
-                f"validation images; Gaussians fitted on {self.fitted_images} training images, {self.feature_dim} "
-                f"features)")
+        return (f"feature distance cut {self.cut:.2f} (the {self.quantile:g} quantile of {self.cut_basis}; "
+                f"Gaussians fitted on {self.fitted_images} training images, {self.feature_dim} features)")
 
     def save(self, path: Path) -> None:
         _save_npz(path, means=self.means, whitening=self.whitening, cut=self.cut, quantile=self.quantile,
-                  fitted_images=self.fitted_images, validation_images=self.validation_images)
+                  fitted_images=self.fitted_images, validation_images=self.validation_images,
+                  cut_basis=np.array(self.cut_basis))
 
 
 def _save_npz(path: Path, **arrays) -> None:
@@ -91,7 +95,8 @@ def load_feature_domain(path: Path) -> FeatureDomain | None:
                 return None
             return FeatureDomain(means=stored["means"], whitening=stored["whitening"], cut=float(stored["cut"]),
                                  quantile=float(stored["quantile"]), fitted_images=int(stored["fitted_images"]),
-                                 validation_images=int(stored["validation_images"]))
+                                 validation_images=int(stored["validation_images"]),
+                                 **({"cut_basis": str(stored["cut_basis"])} if "cut_basis" in stored.files else {}))
     except (OSError, ValueError, KeyError) as exc:
         raise FeatureDomainError(f"{path}: not a readable feature-domain file ({exc}); rerun `dvc repro evaluate "
                                  f"export`") from None

@@ -125,10 +125,12 @@ def _domain(model, train, splits: dict, threshold: float, params) -> dict:
     domain = None
     if settings.domain.enabled:
         domain = fit_feature_domain(predict_features(model, train.images, batch), train.labels, features["valid"],
-                                    settings.domain.quantile)
+                                    settings.domain.quantile, settings.domain.cut_on, settings.domain.folds,
+                                    params.seed)
         domain.save(DOMAIN)
         report |= {"cut": round(domain.cut, 4), "feature_dim": domain.feature_dim,
-                   "fitted_images": domain.fitted_images, "validation_images": domain.validation_images}
+                   "fitted_images": domain.fitted_images, "validation_images": domain.validation_images,
+                   "cut_on": settings.domain.cut_on, "cut_basis": domain.cut_basis}
     else:
         save_disabled(DOMAIN, "evaluate.domain.enabled is false")
     report["selective"] = {}
@@ -253,7 +255,7 @@ def _print_summary(metrics: dict, choice: dict) -> None:
         print(f"  warning: calibration {cal['requested_method']} could not be fitted, the export stays uncalibrated: "
               f"{cal['not_fitted']}")
     d = metrics["domain"]
-    cut = f"feature-distance cut {d['cut']} (the {d['quantile']:g} quantile of validation)" if d["enabled"] else (
+    cut = f"feature-distance cut {d['cut']} (the {d['quantile']:g} quantile of {d['cut_basis']})" if d["enabled"] else (
         "feature distance off (evaluate.domain.enabled)")
     print(f"  domain check: {cut}; out of domain: test {d['test_out_of_domain_share']}, validation "
           f"{d['valid_out_of_domain_share']} (not a chest CT slice: test {d['test_not_chest_share']}); test on the "

@@ -128,7 +128,7 @@ def test_metadata_and_model_card_record_a_left_out_format(default_params, tmp_pa
     metadata = _metadata(default_params, left_out)
     write_metadata(tmp_path, metadata)
     written = json.loads((tmp_path / "metadata.json").read_text())
-    assert written["schema_version"] == SCHEMA_VERSION == "2.5"
+    assert written["schema_version"] == SCHEMA_VERSION == "2.6"
     assert written["left_out_formats"] == {"tflite_dynamic": {
         "reason": "max |p - p_keras| 0.0332 > 0.02 (export.quantized_tolerance)", "max_abs_diff": pytest.approx(0.0332),
         "tolerance": 0.02, "decision_agreement": 1.0, "required_agreement": 0.99}}

@@ -104,7 +104,7 @@ def test_metadata_and_model_card_carry_the_reason(exported):
     workspace, _, _ = exported
     metrics = json.loads((workspace / "metrics/export.json").read_text())
     metadata = json.loads((workspace / "models/export/metadata.json").read_text())
-    assert metadata["schema_version"] == "2.5" and set(metadata["artifacts"]) == {"tflite_float32"}
+    assert metadata["schema_version"] == "2.6" and set(metadata["artifacts"]) == {"tflite_float32"}
     left_out = metadata["left_out_formats"]["tflite_float16"]
     assert left_out["reason"] == metrics["left_out"]["tflite_float16"]["reason"]
     assert left_out["max_abs_diff"] == metrics["left_out"]["tflite_float16"]["max_abs_diff"]

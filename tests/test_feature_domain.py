@@ -39,6 +39,49 @@ def test_the_cut_is_the_declared_quantile_of_validation_and_a_shifted_set_is_fla
     assert flagged_shifted >= 0.8
 
 
+def test_a_cross_fitted_cut_is_steadier_than_one_set_on_a_small_validation_split():
+    # The official validation split is 72 images: its 0.99 quantile is about its maximum. Pooling the training
+    # images' cross-fitted distances puts the cut where the declared share of new in-domain images is flagged.
+    rng = np.random.default_rng(1)
+    train = np.concatenate([_features(rng, 200, 0), _features(rng, 200, 1)])
+    labels = np.repeat([0, 1], 200)
+    held_out = np.concatenate([_features(rng, 1000, 0), _features(rng, 1000, 1)])
+    errors = {"valid": [], "cross_fitted": []}
+    for draw in range(5):
+        valid = np.concatenate([_features(rng, 6, 0), _features(rng, 6, 1)])
+        for cut_on in errors:
+            domain = fit_feature_domain(train, labels, valid, 0.9, cut_on=cut_on, folds=5, seed=draw)
+            errors[cut_on].append(abs(np.mean(domain.distances(held_out) > domain.cut) - 0.1))
+    assert max(errors["cross_fitted"]) < 0.04
+    assert np.mean(errors["cross_fitted"]) < np.mean(errors["valid"])
+
+
+def test_the_cut_says_what_it_is_a_quantile_of_and_bad_settings_are_named(tmp_path):
+    rng = np.random.default_rng(2)
+    train = np.concatenate([_features(rng, 30, 0), _features(rng, 4, 1)])
+    labels = np.repeat([0, 1], [30, 4])
+    valid = _features(rng, 10, 0)
+    assert fit_feature_domain(train, labels, valid, 0.9).cut_basis == "10 validation images"
+    domain = fit_feature_domain(train, labels, valid, 0.9, cut_on="cross_fitted", folds=4)
+    assert domain.cut_basis == "10 validation and 34 cross-fitted training images"
+    assert "the 0.9 quantile of 10 validation and 34 cross-fitted training images" in domain.reason(domain.cut + 1)
+    domain.save(tmp_path / "domain.npz")
+    assert load_feature_domain(tmp_path / "domain.npz").cut_basis == domain.cut_basis
+    with pytest.raises(FeatureDomainError, match="evaluate.domain.folds is 5, but a class has only 4 training"):
+        fit_feature_domain(train, labels, valid, 0.9, cut_on="cross_fitted", folds=5)
+    with pytest.raises(ValueError, match="evaluate.domain.cut_on is 'test'"):
+        fit_feature_domain(train, labels, valid, 0.9, cut_on="test")
+
+
+def test_a_file_written_before_the_cut_basis_existed_reads_as_set_on_validation(tmp_path):
+    domain, _, _ = _fitted()
+    fields = {"means": domain.means, "whitening": domain.whitening, "cut": domain.cut, "quantile": domain.quantile,
+              "fitted_images": 120, "validation_images": 80}
+    np.savez(tmp_path / "old.npz", **fields)
+    old = load_feature_domain(tmp_path / "old.npz")
+    assert old.cut_basis == "the validation images" and old.cut == domain.cut
+
+
 def test_the_distance_is_to_the_nearer_class_and_a_class_mean_is_at_zero():
     domain, _, _ = _fitted()
     assert domain.distances(domain.means) == pytest.approx([0.0, 0.0], abs=1e-9)

@@ -40,7 +40,7 @@ def test_an_image_unlike_training_is_answered_with_its_distance_or_refused(clien
     (answer,) = predictor.predict(scans[:1])
     assert answer.in_domain is False
     assert answer.domain_reason.startswith("unlike the training images (distance ")
-    assert "> 0.0, the 0.99 quantile of the validation images" in answer.domain_reason
+    assert "> 0.0, the 0.99 quantile of 12 validation images" in answer.domain_reason
     assert answer.diagnosis in ("Normal", "Cancer")  # the decision is still given
     predictor.refuse_out_of_domain = True
     with pytest.raises(OutOfDomainError, match=r"phantom0.png: not scored, unlike the training images"):

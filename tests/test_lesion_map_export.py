@@ -28,7 +28,7 @@ def images(default_params) -> np.ndarray:
 
 def test_every_format_gives_the_probability_and_the_same_lesion_map(tiny_lesion_export, images, default_params):
     metadata = read_metadata(tiny_lesion_export)
-    assert metadata.schema_version == "2.5" and metadata.lesion_map is not None
+    assert metadata.schema_version == "2.6" and metadata.lesion_map is not None
     side = SIZE // metadata.lesion_map.stride
     assert metadata.lesion_map.output.shape == [side, side, 1]
     reference = open_exported("keras", tiny_lesion_export / metadata.artifacts["keras"].file)

@@ -212,7 +212,7 @@ def _with_metadata(tiny_export, tmp_path, change) -> object:
 
 def test_metadata_records_its_schema_versions_and_input_contract(tiny_export):
     metadata = json.loads((tiny_export / "metadata.json").read_text())
-    assert metadata["schema_version"] == "2.5"
+    assert metadata["schema_version"] == "2.6"
     assert set(metadata["versions"]) == {"chestct", "tensorflow", "keras"}
     assert metadata["input"] == {**metadata["input"], "name": "image", "dtype": "uint8", "shape": [64, 64, 1],
                                  "value_range": [0.0, 255.0]}

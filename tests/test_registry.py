@@ -106,7 +106,7 @@ def test_metadata_records_the_source_and_reads_older_files_without_it(default_pa
     source = {"git_revision": "a" * 40, "artifact_version": "v3.1.4"}
     write_metadata(tmp_path, build_metadata(default_params, threshold, artifacts, {}, 64, None, None, source))
     raw = json.loads((tmp_path / "metadata.json").read_text())
-    assert raw["schema_version"] == SCHEMA_VERSION == "2.5" and raw["source"] == source
+    assert raw["schema_version"] == SCHEMA_VERSION == "2.6" and raw["source"] == source
     assert read_metadata(tmp_path).source.artifact_version == "v3.1.4"
     raw.pop("source")  # as a 2.1 file was written
     (tmp_path / "metadata.json").write_text(json.dumps({**raw, "schema_version": "2.1"}))

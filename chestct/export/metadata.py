@@ -13,7 +13,8 @@ ran from and the registry version that commit carries, chestct.export.provenance
 and models without a map, read with null. 2.4 added `calibration` (the score -> probability map fitted beside the
 threshold, chestct.calibration); older files read as uncalibrated. 2.5 added `domain` (the feature-distance domain
 check, chestct.feature_domain: its file, digest and cut, with the pooled features as the models' last output);
-older files read with null and are checked by the first layer alone.
+older files read with null and are checked by the first layer alone. 2.6 added `domain.cut_basis` (what the cut is a
+quantile of, `evaluate.domain.cut_on`); older files read as "the validation images".
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from chestct.errors import ChestctError
 from chestct.labels import CLASS_NAMES
 from chestct.params import Params, PreprocessParams, ServeParams
 
-SCHEMA_VERSION = "2.5"
+SCHEMA_VERSION = "2.6"
 METADATA_FILE = "metadata.json"
 # Serving limits that exports written before them lack: such an export gets params.yaml's values at the time.
 SERVE_DEFAULTS = {"max_concurrent": 2, "queue_timeout_s": 10.0, "body_timeout_s": 30.0, "max_connections": 64,
@@ -111,6 +112,7 @@ class DomainRecord(_Record):
     quantile: float
     fitted_images: int
     validation_images: int
+    cut_basis: str = "the validation images"  # what the cut is a quantile of (schema 2.6)
 
 
 class ExportMetadata(_Record):

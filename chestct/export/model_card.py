@@ -208,7 +208,7 @@ def _domain_line(metadata: ExportMetadata) -> str:
     if record is None:
         return first + "; this export has no feature-distance check (evaluate.domain.enabled was off, or it is older)."
     return (f"{first} and whether its pooled features lie within distance {_fmt(record.cut, 2)} of the training "
-            f"images' (the {record.quantile:g} quantile of {record.validation_images} validation images). In domain "
+            f"images' (the {record.quantile:g} quantile of {record.cut_basis}). In domain "
             f"does not mean right: an image like the validation images can still be misread.")
 
 

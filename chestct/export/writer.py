@@ -43,6 +43,7 @@ def domain_record(path: Path, domain: FeatureDomain) -> dict:
     sha256, size = artifact_digest(path)
     return {"file": path.name, "sha256": sha256, "bytes": size, "cut": domain.cut, "quantile": domain.quantile,
             "fitted_images": domain.fitted_images, "validation_images": domain.validation_images,
+            "cut_basis": domain.cut_basis,
             "features": TensorContract(name="features", dtype="float32", shape=[domain.feature_dim],
                                        value_range=(-FLOAT32_MAX, FLOAT32_MAX),
                                        meaning="the pooled features the head reads (the models' last output); the "
