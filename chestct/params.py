@@ -407,7 +407,7 @@ class DomainParams(Section):
     # The cut: this quantile of held-out distances (0.99: 1 in 100 in-domain images is flagged).
     quantile: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.99
     # Which held-out distances: the validation images', or those and the training images' cross-fitted ones.
-    cut_on: Literal["valid", "cross_fitted"] = "valid"
+    cut_on: Literal["valid", "cross_fitted"] = "cross_fitted"
     folds: Annotated[int, Field(ge=2, le=20)] = 5  # for cut_on cross_fitted: stratified folds of the training images
 
 
