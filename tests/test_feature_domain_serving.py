@@ -49,7 +49,10 @@ def test_an_image_unlike_training_is_answered_with_its_distance_or_refused(clien
 
 def test_the_service_answers_with_the_feature_verdict(client, scans, strict_cut):
     predictor = client.app.state.predictor
-    assert "feature distance cut" in client.get("/model-info").json()["domain"]["feature_distance"]
+    # the model's metadata, its model card and /model-info say what the cut is a quantile of
+    assert predictor.metadata.domain.cut_basis == predictor.domain.cut_basis == "12 validation images"
+    assert "(the 0.99 quantile of 12 validation images)" in (predictor.export_dir / "MODEL_CARD.md").read_text()
+    assert "the 0.99 quantile of 12 validation images" in client.get("/model-info").json()["domain"]["feature_distance"]
     response = client.post("/predict", files=[("files", (name, data, "image/png")) for name, data in scans[:2]])
     assert [result["in_domain"] for result in response.json()["results"]] == [True, True]
     strict_cut(predictor)
