@@ -57,6 +57,8 @@ FIGURES = [
     ("test AUC, lungs alone", "eval", "attention.ablation.lungs_only.auc"),
     ("test AUC, lungs emptied", "eval", "attention.ablation.lungs_emptied.auc"),
     ("test ECE, calibrated (evaluate.calibration.method)", "eval", "calibration.test_ece"),
+    ("test ECE, calibrated: CI upper end, images resampled", "eval", "calibration.test_ece_ci.1"),
+    ("test ECE, calibrated: CI upper end, distinct slices resampled", "eval", "calibration.test_ece_ci_by_slice.1"),
     ("test ECE, uncalibrated", "eval", "calibration.test_ece_uncalibrated"),
     ("test Brier, calibrated", "eval", "calibration.test_brier"),
     ("test Brier, uncalibrated", "eval", "calibration.test_brier_uncalibrated"),
@@ -134,11 +136,15 @@ def project_overrides(real: Path | None, settings: list[str]) -> dict:
 
 
 def _lookup(metrics: dict, dotted: str):
+    """The value at a dotted path; a number in the path indexes a list (`calibration.test_ece_ci.1`)."""
     value = metrics
     for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
+        if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        elif isinstance(value, dict) and part in value:
+            value = value[part]
+        else:
             return None
-        value = value[part]
     return value
 
 

@@ -101,12 +101,14 @@ def _choose_threshold(valid_labels, valid_scores, manifest: pd.DataFrame, settin
     return choice, (table["label"].to_numpy(), table["score"].to_numpy())
 
 
-def _calibration(fitting: tuple, test_labels, test_scores, threshold: float, params) -> tuple:
-    """The calibration map fitted on the threshold's scores, and its report on test (chestct.evaluation.calibration)."""
+def _calibration(fitting: tuple, test, test_scores, threshold: float, manifest: pd.DataFrame, params) -> tuple:
+    """The calibration map fitted on the threshold's scores, and its report on test (chestct.evaluation.calibration),
+    its ECE interval also over the test split's distinct slices (near-duplicate groups)."""
     settings = params.evaluate
-    return calibration_report(*fitting, settings.threshold.chosen_on, test_labels, test_scores, threshold,
+    groups = manifest.set_index("id").loc[test.ids.astype(str), "near_group"].to_numpy()
+    return calibration_report(*fitting, settings.threshold.chosen_on, test.labels, test_scores, threshold,
                               settings.calibration.method, settings.calibration.bins, settings.confidence_level,
-                              settings.bootstrap_resamples, params.seed)
+                              settings.bootstrap_resamples, params.seed, test_groups=groups)
 
 
 def _not_chest(ids) -> np.ndarray:
@@ -164,7 +166,7 @@ def main() -> None:
     choice, fitting = _choose_threshold(valid.labels, valid_scores, manifest, settings)  # never on test
     threshold = choice["threshold"]
     test_scores = predict(test.images)
-    calibration, calibration_metrics = _calibration(fitting, test.labels, test_scores, threshold, params)
+    calibration, calibration_metrics = _calibration(fitting, test, test_scores, threshold, manifest, params)
     write_json(THRESHOLD, threshold_record(choice, params, calibration.model_dump(mode="json", exclude_none=True)))
 
     leak_free = leak_free_mask(test, manifest)
@@ -248,7 +250,8 @@ def _print_summary(metrics: dict, choice: dict) -> None:
                   f"{ablation['lungs_emptied']['auc']} (a lesion detector keeps the first and loses the second)")
     cal = metrics["calibration"]
     print(f"  calibration {cal['method']} (fitted on {cal['fitted_images']} {cal['fitted_on']} scores): test ECE "
-          f"{cal['test_ece']} {cal['test_ece_ci']} (uncalibrated {cal['test_ece_uncalibrated']}), Brier "
+          f"{cal['test_ece']} {cal['test_ece_ci']} ({cal['test_ece_ci_by_slice']} over its "
+          f"{cal['test_distinct_slices']} distinct slices; uncalibrated {cal['test_ece_uncalibrated']}), Brier "
           f"{cal['test_brier']} (uncalibrated {cal['test_brier_uncalibrated']}); the threshold is "
           f"{cal['threshold_calibrated']} on the calibrated scale")
     if "not_fitted" in cal:

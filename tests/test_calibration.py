@@ -12,6 +12,7 @@ from chestct.decision import decide
 from chestct.evaluation.calibration import (
     CalibrationError,
     calibration_report,
+    ece_with_interval,
     expected_calibration_error,
     fit_calibration,
     reliability_curve,
@@ -118,6 +119,24 @@ def test_the_report_fits_on_the_fitting_split_and_measures_on_test():
     assert set(report["methods"]) == {"temperature", "platt", "isotonic"}
     # Nothing of test reaches the map: refitting on the same fitting scores gives the same map.
     assert chosen == fit_calibration(fit_labels, fit_scores, "platt", "valid")
+
+
+def test_copies_of_one_slice_widen_the_interval_when_slices_are_resampled():
+    # 60 distinct slices, each stored 5 times (as the official test split's Normals are): resampling images
+    # treats the copies as independent evidence; resampling the groups does not, and its interval is wider.
+    labels, scores, _ = miscalibrated(60, seed=8)
+    copies = np.repeat(np.arange(60), 5)
+    labels, scores = labels[copies], scores[copies]
+    ece, by_image = ece_with_interval(labels, scores, 10, 0.95, 400, seed=0)
+    same, by_slice = ece_with_interval(labels, scores, 10, 0.95, 400, seed=0, groups=copies)
+    assert same == ece and by_slice[0] <= ece <= by_slice[1]
+    assert by_slice[1] - by_slice[0] > 1.5 * (by_image[1] - by_image[0])
+    # one image per group: the two intervals are the same resampling
+    assert ece_with_interval(labels[:60], scores[:60], 10, 0.95, 200, seed=1, groups=np.arange(60))[1] == (
+        ece_with_interval(labels[:60], scores[:60], 10, 0.95, 200, seed=1)[1])
+    _, report = calibration_report(labels, scores, "valid", labels, scores, 0.5, "platt", bins=10, level=0.95,
+                                   resamples=200, seed=0, test_groups=copies)
+    assert report["test_distinct_slices"] == 60 and len(report["test_ece_ci_by_slice"]) == 2
 
 
 def test_a_model_that_does_not_rank_stays_uncalibrated_and_says_why():

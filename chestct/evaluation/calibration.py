@@ -96,14 +96,24 @@ def expected_calibration_error(labels, probabilities, bins: int) -> float:
     return float(np.sum(counts * np.abs(predicted - observed)) / np.sum(counts))
 
 
-def ece_with_interval(labels, probabilities, bins: int, level: float, resamples: int, seed: int
-                      ) -> tuple[float, list[float]]:
-    """ECE and its bootstrap percentile interval (images resampled with replacement, bins redrawn each time)."""
+def ece_with_interval(labels, probabilities, bins: int, level: float, resamples: int, seed: int,
+                      groups=None) -> tuple[float, list[float]]:
+    """ECE and its bootstrap percentile interval, bins redrawn each time. Images are resampled with replacement;
+    with `groups` (one id per image: its near-duplicate group), whole groups are, so that copies of one slice
+    count as the one piece of evidence they are (the official test split's 54 Normals are 14 slices)."""
     labels, probabilities = np.asarray(labels, float), np.asarray(probabilities, float)
+    if groups is None:
+        units = [np.array([index]) for index in range(len(labels))]
+    else:
+        _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        units = [np.flatnonzero(inverse == unit) for unit in range(inverse.max() + 1)]
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(labels), size=(int(resamples), len(labels)))
-    values = np.array([expected_calibration_error(labels[d], probabilities[d], bins) for d in draws])
-    low, high = percentile_interval(values, level)
+    draws = rng.integers(0, len(units), size=(int(resamples), len(units)))
+    values = []
+    for draw in draws:
+        picked = np.concatenate([units[unit] for unit in draw])
+        values.append(expected_calibration_error(labels[picked], probabilities[picked], bins))
+    low, high = percentile_interval(np.array(values), level)
     return expected_calibration_error(labels, probabilities, bins), [float(low), float(high)]
 
 
@@ -113,10 +123,12 @@ def _figures(labels: np.ndarray, probabilities: np.ndarray, bins: int) -> dict:
 
 
 def calibration_report(fit_labels, fit_scores, fitted_on: str, test_labels, test_scores, threshold: float,
-                       method: str, bins: int, level: float, resamples: int, seed: int) -> tuple[CalibrationMap, dict]:
+                       method: str, bins: int, level: float, resamples: int, seed: int,
+                       test_groups=None) -> tuple[CalibrationMap, dict]:
     """The chosen map and what metrics/eval.json reports of it (names as in docs/calibration-domain.md). Scores
     that cannot be calibrated by `method` (a model that does not rank on the fitting split) leave the export
-    uncalibrated, with the reason in `not_fitted`, rather than stopping the evaluation."""
+    uncalibrated, with the reason in `not_fitted`, rather than stopping the evaluation. With `test_groups` (the
+    test images' near-duplicate groups) the calibrated ECE also gets the interval over distinct slices."""
     not_fitted = None
     try:
         chosen = fit_calibration(fit_labels, fit_scores, method, fitted_on)
@@ -146,6 +158,10 @@ def calibration_report(fit_labels, fit_scores, fitted_on: str, test_labels, test
         "test_brier_uncalibrated": round(float(brier_score_loss(test_labels, raw)), 4),
         "methods": methods,
     }
+    if test_groups is not None:
+        _, by_slice = ece_with_interval(test_labels, calibrated, bins, level, resamples, seed, groups=test_groups)
+        report |= {"test_ece_ci_by_slice": [round(v, 4) for v in by_slice],
+                   "test_distinct_slices": int(np.unique(np.asarray(test_groups)).size)}
     if not_fitted is not None:
         report |= {"requested_method": method, "not_fitted": not_fitted}
     return chosen, report
