@@ -152,3 +152,15 @@ def test_export_parity_compares_the_domain_distances_of_every_format(default_par
     # A quantized format is judged on its verdicts, as on its decisions.
     assert report("tflite_dynamic", reference + 0.01)["domain_agreement"] == 1.0
     assert report("tflite_dynamic", reference + 0.01)["passed"]
+
+
+def test_an_export_record_written_before_schema_2_6_reads_its_cut_as_set_on_validation():
+    from chestct.export.metadata import DomainRecord
+
+    record = {"file": "domain.npz", "sha256": "0" * 64, "bytes": 10, "cut": 12.0, "quantile": 0.99,
+              "fitted_images": 613, "validation_images": 72,
+              "features": {"name": "features", "dtype": "float32", "shape": [576], "value_range": [-1.0, 1.0],
+                           "meaning": "pooled features"}}
+    assert DomainRecord.model_validate(record).cut_basis == "the validation images"
+    assert DomainRecord.model_validate(record | {"cut_basis": "72 validation images"}).cut_basis == (
+        "72 validation images")
