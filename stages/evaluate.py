@@ -24,6 +24,7 @@ from chestct.evaluation.scoring import (
     distinct_slices,
     gradcam_selection,
     leak_free_mask,
+    near_groups,
     predict_scores,
     roc_band_for,
     split_metrics,
@@ -105,10 +106,9 @@ def _calibration(fitting: tuple, test, test_scores, threshold: float, manifest: 
     """The calibration map fitted on the threshold's scores, and its report on test (chestct.evaluation.calibration),
     its ECE interval also over the test split's distinct slices (near-duplicate groups)."""
     settings = params.evaluate
-    groups = manifest.set_index("id").loc[test.ids.astype(str), "near_group"].to_numpy()
     return calibration_report(*fitting, settings.threshold.chosen_on, test.labels, test_scores, threshold,
                               settings.calibration.method, settings.calibration.bins, settings.confidence_level,
-                              settings.bootstrap_resamples, params.seed, test_groups=groups)
+                              settings.bootstrap_resamples, params.seed, test_groups=near_groups(test, manifest))
 
 
 def _not_chest(ids) -> np.ndarray:

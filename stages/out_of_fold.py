@@ -12,7 +12,7 @@ import pandas as pd
 
 from chestct.atomic_io import atomic_path
 from chestct.evaluation.robustness import perturbed_split
-from chestct.evaluation.scoring import predict_scores
+from chestct.evaluation.scoring import near_groups, predict_scores
 from chestct.imaging.processed import load_split
 from chestct.params import load_params
 from chestct.training.folds import out_of_fold_scores, pool
@@ -42,7 +42,7 @@ def main() -> None:
     configure_precision(params.train.precision)
     manifest = pd.read_csv(MANIFEST, keep_default_na=False)
     images = pool(load_split(PROCESSED / "train"), load_split(PROCESSED / "valid"))
-    groups = manifest.set_index("id").loc[images.ids.astype(str), "near_group"].to_numpy()
+    groups = near_groups(images, manifest)
     perturbed = None
     if params.train.selection == "val_auc_robust":  # the held-out folds' perturbed copies, as robust_valid's
         train_ids = manifest.loc[manifest["split"] == "train", "id"].to_numpy()

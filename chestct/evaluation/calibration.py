@@ -102,11 +102,8 @@ def ece_with_interval(labels, probabilities, bins: int, level: float, resamples:
     with `groups` (one id per image: its near-duplicate group), whole groups are, so that copies of one slice
     count as the one piece of evidence they are (the official test split's 54 Normals are 14 slices)."""
     labels, probabilities = np.asarray(labels, float), np.asarray(probabilities, float)
-    if groups is None:
-        units = [np.array([index]) for index in range(len(labels))]
-    else:
-        _, inverse = np.unique(np.asarray(groups), return_inverse=True)
-        units = [np.flatnonzero(inverse == unit) for unit in range(inverse.max() + 1)]
+    _, inverse = np.unique(np.arange(len(labels)) if groups is None else np.asarray(groups), return_inverse=True)
+    units = [np.flatnonzero(inverse == unit) for unit in range(inverse.max() + 1)]
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(units), size=(int(resamples), len(units)))
     values = []

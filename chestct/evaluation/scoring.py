@@ -48,13 +48,18 @@ def leak_free_mask(test: SplitArrays, manifest: pd.DataFrame) -> np.ndarray:
 FEW_DISTINCT_NORMALS = 5
 
 
+def near_groups(arrays: SplitArrays, manifest: pd.DataFrame) -> np.ndarray:
+    """Each image's near-duplicate group from the split stage's manifest, in the arrays' order."""
+    return manifest.set_index("id").loc[arrays.ids.astype(str), "near_group"].to_numpy()
+
+
 def distinct_slices(arrays: SplitArrays, manifest: pd.DataFrame) -> dict[str, int]:
     """Distinct slices per class: near-duplicate groups from the split stage, not images.
 
     The real data holds 215 Normal images but only 33 distinct Normal slices (the rest are copies): a split's
     Normal count overstates how much evidence its specificity, or a threshold chosen on it, rests on.
     """
-    groups = manifest.set_index("id").loc[arrays.ids.astype(str), "near_group"].to_numpy()
+    groups = near_groups(arrays, manifest)
     return {"normal_slices": int(np.unique(groups[arrays.labels == 0]).size),
             "cancer_slices": int(np.unique(groups[arrays.labels == 1]).size)}
 
