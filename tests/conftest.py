@@ -167,3 +167,16 @@ def original_params(default_params):
 def lesion_params(default_params):
     """params.yaml with the lesion configuration applied."""
     return _deep_update(default_params, LESION_CONFIGURATION)
+
+
+# --- the whole pipeline once, in this process: dvc.yaml's params contract and the out-of-fold threshold --------
+
+
+@pytest.fixture(scope="session")
+def in_process_pipeline(tmp_path_factory):
+    """Every `python -m stages.*` of dvc.yaml run once as main() in this process, in dvc.yaml order, on a tiny copy
+    of the project that chooses its threshold on out-of-fold scores (so that stage trains and reads its keys).
+    Returns a tests.in_process_pipeline.PipelineRun: the copy, each stage's params reads and what it printed."""
+    from tests.in_process_pipeline import run_every_stage
+
+    return run_every_stage(tmp_path_factory.mktemp("in_process") / "project")

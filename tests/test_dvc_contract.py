@@ -8,47 +8,15 @@ checks follow any package layout.
 
 from __future__ import annotations
 
-import importlib
-import re
-
 import pytest
-import yaml
 
 from chestct.params import TrainParams, load_params
 from tests.conftest import PROJECT_ROOT
 from tests.import_graph import PACKAGE_ROOTS, ImportGraph, find_cycles, module_files, project_graph, transitive_files
+from tests.in_process_pipeline import python_stages
 from tests.params_tracking import WHOLE_FILE, ParamsTracker, declared_keys, leaf_keys, params_drift
-from tests.pipeline_repo import make_pipeline_repo
 
-STAGE_COMMAND = re.compile(r"^python3? -m (stages(?:\.\w+)+)\s*$")
 WEB_FRAMEWORKS = ("fastapi", "starlette")  # a module importing one of these at load time is part of the web app
-
-# Tiny settings on top of pipeline_repo.TINY_OVERRIDES: every stage runs, as fast as possible.
-PIPELINE_OVERRIDES = {
-    "model": {"backbone": "mobilenetv3small", "weights": None},  # the smallest backbone; no ImageNet download
-    # One worker: preprocessing runs in this process, where the reads are recorded (a Pool child's are lost).
-    "preprocess": {"image_size": 32, "workers": 1},
-    "train": {"steps_per_epoch": 2, "phase1": {"epochs": 1}, "phase2": {"epochs": 1}},
-    # The out_of_fold stage reads its keys only when it trains: two folds of the tiny train + valid.
-    "evaluate": {"bootstrap_resamples": 100, "threshold": {"chosen_on": "out_of_fold", "folds": 2}},
-    # An untrained model scores every image near the threshold, so quantization alone flips decisions; the
-    # parity rule is not under test here, and every export key is still read.
-    "export": {"latency_runs": 1, "min_decision_agreement": 0.0},
-}
-
-
-def _dvc_stages() -> dict[str, dict]:
-    return yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
-
-
-def _python_stages() -> list[tuple[str, str, dict]]:
-    """(stage, module, definition) for every stage run as `python -m stages.<name>`, in dvc.yaml order."""
-    found = []
-    for name, stage in _dvc_stages().items():
-        match = STAGE_COMMAND.match(str(stage.get("cmd", "")))
-        if match:
-            found.append((name, match.group(1), stage))
-    return found
 
 
 def _dep_paths(stage: dict) -> list[str]:
@@ -73,7 +41,7 @@ def _is_code_dep(dep: str) -> bool:
 def test_dvc_yaml_runs_the_stage_modules():
     """Guards the checks below: they would pass vacuously if no stage matched STAGE_COMMAND."""
     modules = module_files()
-    stages = _python_stages()
+    stages = python_stages()
     assert stages, "no dvc.yaml stage runs `python -m stages.<name>`"
     for name, module, _ in stages:
         assert module in modules, f"{name}: runs {module}, which is not a module of the project"
@@ -81,7 +49,7 @@ def test_dvc_yaml_runs_the_stage_modules():
 
 def test_every_imported_module_is_a_declared_dep():
     problems = []
-    for name, module, stage in _python_stages():
+    for name, module, stage in python_stages():
         deps = _dep_paths(stage)
         problems += [f"{name}: {file} is imported but not a dep"
                      for file in sorted(transitive_files(module)) if not any(_covered(file, dep) for dep in deps)]
@@ -90,7 +58,7 @@ def test_every_imported_module_is_a_declared_dep():
 
 def test_no_declared_code_dep_is_unused():
     problems = []
-    for name, module, stage in _python_stages():
+    for name, module, stage in python_stages():
         loaded = transitive_files(module)
         for dep in _dep_paths(stage):
             if _is_code_dep(dep) and not any(_covered(file, dep) for file in loaded):
@@ -220,24 +188,11 @@ def test_tracker_keeps_pydantic_behaviour(monkeypatch):
 
 
 @pytest.mark.e2e
-def test_stage_params_match_dvc_yaml(tmp_path, monkeypatch):
-    """Run every stage's main() in this process, in dvc.yaml order, and compare the keys read with `params:`."""
-    from tensorflow.python.framework import config as tf_config  # no public switch-off of op determinism
-
-    stages = _python_stages()
-    mains = {name: importlib.import_module(module).main for name, module, _ in stages}  # imported from the project
-    repo = make_pipeline_repo(tmp_path / "project", PIPELINE_OVERRIDES)
-    leaves = leaf_keys(load_params(repo / "params.yaml"))
-    monkeypatch.chdir(repo)  # the stages read and write cwd-relative paths: all inside the copy
-    tracker = ParamsTracker().install(monkeypatch)
+def test_stage_params_match_dvc_yaml(in_process_pipeline):
+    """Every stage's main(), run in this process in dvc.yaml order: the keys it read against its `params:`."""
     problems = []
-    was_deterministic = tf_config.is_op_determinism_enabled()
-    try:
-        for name, _, stage in stages:
-            tracker.reset()
-            mains[name]()
-            problems += params_drift(name, stage.get("params", []), tracker.read, leaves)
-    finally:
-        if not was_deterministic:  # training switched it on for this process: leave the other tests' world as it was
-            tf_config.disable_op_determinism()
+    for name, _, stage in python_stages():
+        problems += params_drift(name, stage.get("params", []), in_process_pipeline.reads[name],
+                                 in_process_pipeline.leaves)
     assert not problems, "params read versus dvc.yaml's params lists:\n  " + "\n  ".join(problems)
+

@@ -13,7 +13,6 @@ from chestct.evaluation.thresholds import choose_threshold
 from chestct.imaging.processed import SplitArrays
 from chestct.params import ParamsError, ThresholdParams, parse_params
 from chestct.training.folds import FoldError, fold_rows, pool
-from tests.pipeline_repo import make_pipeline_repo, run
 
 YOUDEN_PRIOR = ThresholdParams(method="youden_prior", sensitivity=0.97, fixed=0.5, prior=0.5,
                                chosen_on="out_of_fold", folds=3)
@@ -108,19 +107,12 @@ def test_chosen_on_and_folds_are_validated(default_params):
         parse_params(raw)
 
 
-TINY_FOLDS = {
-    "model": {"backbone": "mobilenetv3small", "weights": None},
-    "train": {"steps_per_epoch": 2, "phase1": {"epochs": 1}, "phase2": {"epochs": 2}},
-    "evaluate": {"threshold": {"chosen_on": "out_of_fold", "folds": 2}, "bootstrap_resamples": 100,
-                 "attention": False, "robustness": {"enabled": False}},
-}
-
-
 @pytest.mark.e2e
-def test_the_pipeline_chooses_the_threshold_on_out_of_fold_scores(tmp_path):
-    repo = make_pipeline_repo(tmp_path / "project", TINY_FOLDS)
-    stdout = run(["dvc", "repro", "evaluate"], repo).stdout
-    assert "out_of_fold: fold 2/2: trained on" in stdout and "fold 2 phase2 epoch 2/2" in stdout
+def test_the_pipeline_chooses_the_threshold_on_out_of_fold_scores(in_process_pipeline):
+    """On the tiny pipeline the params contract runs (tests/in_process_pipeline.py): two folds of train + valid,
+    each trained in both phases, score every pooled image once; evaluate chooses the threshold on those scores."""
+    repo, printed = in_process_pipeline.repo, in_process_pipeline.printed
+    assert "out_of_fold: fold 2/2: trained on" in printed and "fold 2 phase2 epoch 1/1" in printed
     manifest = pd.read_csv(repo / "data/split/manifest.csv", keep_default_na=False)
     scores = pd.read_csv(repo / "data/out_of_fold/scores.csv", keep_default_na=False)
     pooled = manifest.loc[manifest["split"].isin(["train", "valid"])]
@@ -131,6 +123,6 @@ def test_the_pipeline_chooses_the_threshold_on_out_of_fold_scores(tmp_path):
     expected = choose_threshold(scores["label"], scores["score"], YOUDEN_PRIOR)
     assert threshold["chosen_on"] == "out_of_fold" and threshold["threshold"] == expected["threshold"]
     assert threshold["out_of_fold"]["images"] == len(pooled) and threshold["out_of_fold"]["folds"] == 2
-    assert "chosen on the out-of-fold scores of" in stdout
+    assert "chosen on the out-of-fold scores of" in printed
     metrics = json.loads((repo / "metrics/eval.json").read_text())
     assert metrics["test"]["threshold"] == threshold["threshold"]
