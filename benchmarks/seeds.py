@@ -57,6 +57,8 @@ FIGURES = [
     ("test AUC, lungs alone", "eval", "attention.ablation.lungs_only.auc"),
     ("test AUC, lungs emptied", "eval", "attention.ablation.lungs_emptied.auc"),
     ("test ECE, calibrated (evaluate.calibration.method)", "eval", "calibration.test_ece"),
+    ("test ECE an increasing map reaches (fitted on test: for reading only)", "eval",
+     "calibration.test_ece_reachable"),
     ("test ECE, calibrated: CI upper end, images resampled", "eval", "calibration.test_ece_ci.1"),
     ("test ECE, calibrated: CI upper end, distinct slices resampled", "eval", "calibration.test_ece_ci_by_slice.1"),
     ("test ECE, uncalibrated", "eval", "calibration.test_ece_uncalibrated"),

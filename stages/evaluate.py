@@ -251,7 +251,8 @@ def _print_summary(metrics: dict, choice: dict) -> None:
     cal = metrics["calibration"]
     print(f"  calibration {cal['method']} (fitted on {cal['fitted_images']} {cal['fitted_on']} scores): test ECE "
           f"{cal['test_ece']} {cal['test_ece_ci']} ({cal['test_ece_ci_by_slice']} over its "
-          f"{cal['test_distinct_slices']} distinct slices; uncalibrated {cal['test_ece_uncalibrated']}), Brier "
+          f"{cal['test_distinct_slices']} distinct slices; uncalibrated {cal['test_ece_uncalibrated']}; an increasing "
+          f"map reaches {cal['test_ece_reachable']}), Brier "
           f"{cal['test_brier']} (uncalibrated {cal['test_brier_uncalibrated']}); the threshold is "
           f"{cal['threshold_calibrated']} on the calibrated scale")
     if "not_fitted" in cal:

@@ -15,6 +15,7 @@ from chestct.evaluation.calibration import (
     ece_with_interval,
     expected_calibration_error,
     fit_calibration,
+    reachable_ece,
     reliability_curve,
 )
 from chestct.evaluation.plots import calibration_png, write_calibrated_reliability
@@ -119,6 +120,30 @@ def test_the_report_fits_on_the_fitting_split_and_measures_on_test():
     assert set(report["methods"]) == {"temperature", "platt", "isotonic"}
     # Nothing of test reaches the map: refitting on the same fitting scores gives the same map.
     assert chosen == fit_calibration(fit_labels, fit_scores, "platt", "valid")
+
+
+def test_the_reachable_ece_pools_the_bins_that_rank_the_wrong_way():
+    # Four bins of 10 in score order, Cancer shares 0.6, 0.2, 0.7, 1.0: no increasing map can give the first two
+    # bins their own shares; the best gives both 0.4 (|0.4 - 0.6| + |0.4 - 0.2| over 4 bins of equal mass).
+    shares = [6, 2, 7, 10]
+    labels = np.concatenate([[1] * k + [0] * (10 - k) for k in shares])
+    scores = np.linspace(0.01, 0.99, 40)
+    assert reachable_ece(labels, scores, 4) == pytest.approx(0.4 / 4)
+    # Shares already in order: an increasing map reaches every bin's share exactly.
+    assert reachable_ece(np.sort(labels), scores, 4) == pytest.approx(0.0)
+    # A floor: no increasing map of the same scores does better (random ones, and every fitted method).
+    labels, scores, _ = miscalibrated(400, seed=9)
+    floor = reachable_ece(labels, scores, 10)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        increasing = np.interp(scores, np.sort(rng.random(6)), np.sort(rng.random(6))) + 1e-3 * scores  # strictly
+        assert expected_calibration_error(labels, increasing, 10) >= floor - 1e-12
+    for method in ("temperature", "platt", "isotonic"):
+        fitted = fit_calibration(labels, scores, method, "valid").apply(scores)
+        assert expected_calibration_error(labels, fitted, 10) >= floor - 1e-12
+    _, report = calibration_report(labels, scores, "valid", labels, scores, 0.5, "platt", bins=10, level=0.95,
+                                   resamples=50, seed=0)
+    assert report["test_ece_reachable"] == round(floor, 4)
 
 
 def test_copies_of_one_slice_widen_the_interval_when_slices_are_resampled():

@@ -5,7 +5,9 @@ there (`evaluate.threshold.chosen_on`); test only measures it. Reported on test,
 - ECE, the expected calibration error over equal-mass bins (each holds about n / bins images, so no bin is a
   handful of images), with a bootstrap percentile interval;
 - the Brier score;
-- the reliability curve (mean probability against the share of Cancer, per equal-mass bin).
+- the reliability curve (mean probability against the share of Cancer, per equal-mass bin);
+- the ECE an increasing map could reach on test (`test_ece_reachable`), which tells a map fitted on too few or
+  unrepresentative scores (ECE far above it) from a model whose test ranking leaves no map calibrated (both high).
 Every method is fitted and reported side by side (`methods`), so the default is chosen by measurement; the one
 `evaluate.calibration.method` names is the one exported.
 """
@@ -114,6 +116,17 @@ def ece_with_interval(labels, probabilities, bins: int, level: float, resamples:
     return expected_calibration_error(labels, probabilities, bins), [float(low), float(high)]
 
 
+def reachable_ece(labels, scores, bins: int) -> float:
+    """The lowest ECE any increasing map of `scores` reaches on (labels, scores): such a map keeps the images'
+    order, so its equal-mass bins hold the same images, and the best it can give each bin is the share of Cancer
+    made non-decreasing across bins (weighted isotonic regression of the bins' shares, i.e. pooling the adjacent
+    bins that rank the wrong way). For reading a test ECE only: it is fitted on the labels it is measured on."""
+    _, observed, counts = reliability_curve(labels, scores, bins)
+    positions = np.arange(len(observed))
+    best = IsotonicRegression().fit(positions, observed, sample_weight=counts).predict(positions)
+    return float(np.sum(counts * np.abs(best - observed)) / np.sum(counts))
+
+
 def _figures(labels: np.ndarray, probabilities: np.ndarray, bins: int) -> dict:
     return {"ece": round(expected_calibration_error(labels, probabilities, bins), 4),
             "brier": round(float(brier_score_loss(labels, probabilities)), 4)}
@@ -151,6 +164,7 @@ def calibration_report(fit_labels, fit_scores, fitted_on: str, test_labels, test
         "bins": bins,
         "test_ece": round(ece, 4), "test_ece_ci": [round(v, 4) for v in ece_ci],
         "test_ece_uncalibrated": round(raw_ece, 4), "test_ece_uncalibrated_ci": [round(v, 4) for v in raw_ece_ci],
+        "test_ece_reachable": round(reachable_ece(test_labels, raw, bins), 4),
         "test_brier": round(float(brier_score_loss(test_labels, calibrated)), 4),
         "test_brier_uncalibrated": round(float(brier_score_loss(test_labels, raw)), 4),
         "methods": methods,
