@@ -10,6 +10,12 @@ model, then the mean over models, so `evaluate.calibration.method` can be chosen
 stage reports the same figures for its own model under calibration.methods in metrics/eval.json. With --results
 the table (test ECE / Brier per model and method, and their mean) goes to docs/results/<name>.json for the
 documentation, each model named by its --labels entry (default: its path).
+
+Two more columns say why a method misses on a model: `reachable`, the lowest test ECE any increasing map of the
+scores could reach (chestct.evaluation.calibration.reachable_ece: fitted on test itself, for reading only), and
+`unseen`, how many test Cancers score below every validation Cancer (a map fitted on validation has never seen
+a Cancer there, and calls them Normal with confidence). A method far above `reachable` was fitted on scores
+unlike test's; a high `reachable` is the model's ranking, which no map repairs.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import numpy as np
 from sklearn.metrics import brier_score_loss
 
 from benchmarks.results import write_result
-from chestct.evaluation.calibration import METHODS, expected_calibration_error, fit_calibration
+from chestct.evaluation.calibration import METHODS, expected_calibration_error, fit_calibration, reachable_ece
 from chestct.evaluation.scoring import predict_scores
 from chestct.imaging.processed import load_split
 from chestct.training.model import load_trained_model
@@ -36,9 +42,13 @@ def measure(model_path: Path, processed: Path, bins: int) -> dict:
     figures = {"none": scores["test"]}
     for method in METHODS:
         figures[method] = fit_calibration(valid_labels, scores["valid"], method, "valid").apply(scores["test"])
-    return {method: {"ece": expected_calibration_error(test_labels, probabilities, bins),
-                     "brier": float(brier_score_loss(test_labels, probabilities))}
-            for method, probabilities in figures.items()}
+    measured = {method: {"ece": expected_calibration_error(test_labels, probabilities, bins),
+                         "brier": float(brier_score_loss(test_labels, probabilities))}
+                for method, probabilities in figures.items()}
+    lowest_valid_cancer = scores["valid"][valid_labels == 1].min()
+    return measured | {"reachable": {"ece": reachable_ece(test_labels, scores["test"], bins)},
+                       "unseen": {"cancers": int(np.sum((test_labels == 1) & (scores["test"] < lowest_valid_cancer))),
+                                  "of": int(np.sum(test_labels == 1))}}
 
 
 def main() -> None:
@@ -57,8 +67,12 @@ def main() -> None:
     runs = {}
     for model, processed in zip(args.pairs[::2], args.pairs[1::2], strict=True):
         runs[model] = measure(Path(model), Path(processed), args.bins)
-        print(model + ": " + ", ".join(f"{method} ECE {f['ece']:.3f} Brier {f['brier']:.3f}"
-                                       for method, f in runs[model].items()), flush=True)
+        figures = runs[model]
+        print(model + ": " + ", ".join(f"{method} ECE {figures[method]['ece']:.3f} Brier {figures[method]['brier']:.3f}"
+                                       for method in ("none", *METHODS))
+              + f"; an increasing map reaches ECE {figures['reachable']['ece']:.3f}; "
+              f"{figures['unseen']['cancers']} of {figures['unseen']['of']} test Cancers score below every "
+              "validation Cancer", flush=True)
     print(f"\nmean over {len(runs)} models (test ECE, {args.bins} equal-mass bins / Brier):")
     for method in ("none", *METHODS):
         ece = [run[method]["ece"] for run in runs.values()]
@@ -80,11 +94,20 @@ def methods_table(runs: dict, bins: int) -> dict:
     def cell(figures: dict) -> str:
         return f"{figures['ece']:.3f} / {figures['brier']:.3f}"
 
-    rows = [[label, *(cell(figures[method]) for method in methods)] for label, figures in runs.items()]
+    def why(figures: dict) -> list[str]:  # older runs (--out files of earlier versions) lack these
+        if "reachable" not in figures:
+            return ["", ""]
+        return [f"{figures['reachable']['ece']:.3f}", f"{figures['unseen']['cancers']} of {figures['unseen']['of']}"]
+
+    rows = [[label, *(cell(figures[method]) for method in methods), *why(figures)] for label, figures in runs.items()]
+    mean_reachable = [run["reachable"]["ece"] for run in runs.values() if "reachable" in run]
     rows.append([f"mean of the {len(runs)}", *(cell({key: float(np.mean([run[method][key] for run in runs.values()]))
-                                                     for key in ("ece", "brier")}) for method in methods)])
-    return {"title": f"Test ECE ({bins} equal-mass bins) / Brier per calibration method",
-            "columns": ["model", "uncalibrated", *METHODS], "rows": rows}
+                                                     for key in ("ece", "brier")}) for method in methods),
+                 f"{np.mean(mean_reachable):.3f}" if mean_reachable else "", ""])
+    return {"title": f"Test ECE ({bins} equal-mass bins) / Brier per calibration method, the ECE an increasing map "
+                     "could reach, and the test Cancers scored below every validation Cancer",
+            "columns": ["model", "uncalibrated", *METHODS, "reachable (fitted on test)",
+                        "test Cancers below every validation Cancer"], "rows": rows}
 
 
 if __name__ == "__main__":

@@ -183,3 +183,14 @@ def test_the_evaluation_plots_show_both_curves(tmp_path):
         assert list(table.columns) == ["mean_predicted", "fraction_cancer", "images"] and table["images"].sum() == 300
         np.testing.assert_allclose(table["mean_predicted"], reliability_curve(labels, probabilities, 10)[0],
                                    rtol=1e-5)
+
+
+def test_the_methods_benchmark_tables_why_a_method_misses():
+    from benchmarks.calibration_methods import methods_table
+
+    figures = {method: {"ece": 0.1, "brier": 0.2} for method in ("none", "temperature", "platt", "isotonic")}
+    table = methods_table({"seed 44": figures | {"reachable": {"ece": 0.029}, "unseen": {"cancers": 15, "of": 261}},
+                           "an older run": figures}, bins=10)
+    assert table["columns"][-2:] == ["reachable (fitted on test)", "test Cancers below every validation Cancer"]
+    assert table["rows"][0][-2:] == ["0.029", "15 of 261"] and table["rows"][1][-2:] == ["", ""]
+    assert table["rows"][-1][0] == "mean of the 2" and table["rows"][-1][-2] == "0.029"
