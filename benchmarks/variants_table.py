@@ -1,6 +1,6 @@
 """Several configurations, one table: the lesion-map panel of `benchmarks.seeds` runs side by side.
 
-    python -m benchmarks.variants_table NAME --title TITLE [--table ID] [--goals]
+    python -m benchmarks.variants_table NAME --title TITLE [--table ID] [--split official|regroup] [--no-goals]
         --column "today's default=lesion_map_no_insertion:today's default: mean ± sd"
         --column "procedural only=lesion_map_procedural" ...
 
@@ -12,14 +12,16 @@ Each --column is LABEL=SOURCE, where SOURCE names a file under docs/results:
   written before `benchmarks.seeds` kept its summary).
 
 The rows are PANEL_ROWS: the in-domain figures, the inserted-lesion check and the cross-source panel, the figures
-issue 27 chooses the default by. The table goes to docs/results/NAME.json as table ID (default "official"), with
-this command as its provenance; an existing file keeps its other tables.
+issue 27 chooses the default by; --split names the split in the test AUC's row (a copied column matches a row by
+its title with or without such a parenthesis). The table goes to docs/results/NAME.json as table ID (default
+"official"), with this command as its provenance; an existing file keeps its other tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from benchmarks.results import RESULTS_DIR, provenance
@@ -27,7 +29,7 @@ from chestct.atomic_io import write_json
 
 # (row title, benchmarks.seeds summary label, goal) in the order the table shows them.
 PANEL_ROWS = [
-    ("test AUC (official split)", "test AUC", ">= 0.95"),
+    ("test AUC", "test AUC", ">= 0.95"),
     ("hist-matched test AUC", "hist-matched test AUC", ">= 0.90"),
     ("robustness worst AUC", "robustness worst AUC", ">= 0.85"),
     ("inserted-lesion check (test Normals)", "inserted-lesion check, test Normals", ">= 0.95"),
@@ -69,6 +71,11 @@ def _load(name: str, directory: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _bare(title: str) -> str:
+    """A row title without a closing parenthesis: 'test AUC (official split)' and 'test AUC' are one row."""
+    return re.sub(r"\s*\([^()]*\)$", "", title)
+
+
 def column_cells(source: str, directory: Path = RESULTS_DIR) -> list[str]:
     """The cells of one --column SOURCE, one per PANEL_ROWS row."""
     name, _, column = source.partition(":")
@@ -81,17 +88,18 @@ def column_cells(source: str, directory: Path = RESULTS_DIR) -> list[str]:
     for table in figures.get("tables", {}).values():
         if column in table["columns"]:
             index = table["columns"].index(column)
-            by_title = {row[0]: row[index] for row in table["rows"]}
-            return [by_title.get(title, "n/a") for title, _, _ in PANEL_ROWS]
+            by_title = {_bare(row[0]): row[index] for row in table["rows"]}
+            return [by_title.get(_bare(title), "n/a") for title, _, _ in PANEL_ROWS]
     raise VariantSourceError(f"no table of {name}.json has a column {column!r}")
 
 
-def variants_table(columns: list[tuple[str, str]], title: str, *, goals: bool = True,
+def variants_table(columns: list[tuple[str, str]], title: str, *, split: str = "official", goals: bool = True,
                    directory: Path = RESULTS_DIR) -> dict:
     """The table {"title", "columns", "rows"} of the (label, source) columns over PANEL_ROWS."""
     cells = [column_cells(source, directory) for _, source in columns]
-    rows = [[title_] + [column[index] for column in cells] + ([goal] if goals else [])
-            for index, (title_, _, goal) in enumerate(PANEL_ROWS)]
+    titles = [f"{title_} ({split} split)" if label == "test AUC" else title_ for title_, label, _ in PANEL_ROWS]
+    rows = [[titles[index]] + [column[index] for column in cells] + ([goal] if goals else [])
+            for index, (_, _, goal) in enumerate(PANEL_ROWS)]
     return {"title": title, "columns": ["figure"] + [label for label, _ in columns] + (["goal"] if goals else []),
             "rows": rows}
 
@@ -110,9 +118,11 @@ def main(argv: list[str] | None = None, directory: Path = RESULTS_DIR) -> Path:
     parser.add_argument("--table", default="official", metavar="ID", help="the table's id (default official)")
     parser.add_argument("--column", dest="columns", action="append", type=parse_column, required=True,
                         metavar="LABEL=SOURCE", help="a column: RESULTS or RESULTS:COLUMN (repeatable)")
+    parser.add_argument("--split", default="official", help="the split the runs tested on, named in the test AUC "
+                                                                "row (default official)")
     parser.add_argument("--no-goals", dest="goals", action="store_false", help="leave out the goal column")
     args = parser.parse_args(argv)
-    table = variants_table(args.columns, args.title, goals=args.goals, directory=directory)
+    table = variants_table(args.columns, args.title, split=args.split, goals=args.goals, directory=directory)
     table["provenance"] = provenance(argv)
     path = Path(directory) / f"{args.name}.json"
     existing = json.loads(path.read_text()) if path.is_file() else None
