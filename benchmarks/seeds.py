@@ -164,21 +164,23 @@ def summarise(per_seed: list[dict]) -> dict:
     return summary
 
 
-def _fmt(value) -> str:
+def figure_text(value) -> str:
+    """A figure as the tables print it: three decimals, or n/a where it was not measured."""
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _mean_sd(entry: dict) -> str:
+def mean_sd_text(entry: dict) -> str:
+    """'mean ± sd' of one summarise() entry (the mean alone for one seed; n/a where no seed measured it)."""
     if entry["mean"] is None:
         return "n/a"
-    return _fmt(entry["mean"]) + (f" ± {_fmt(entry['sd'])}" if entry["sd"] is not None else "")
+    return figure_text(entry["mean"]) + (f" ± {figure_text(entry['sd'])}" if entry["sd"] is not None else "")
 
 
 def seeds_table(summary: dict, seeds: list[int], title: str) -> dict:
     """The documentation's table of `summary`: figure, mean ± sd, per-seed values."""
     return {"title": title, "columns": ["figure", f"mean ± sd over {len(seeds)} seeds",
                                         f"per seed ({', '.join(map(str, seeds))})"],
-            "rows": [[label, _mean_sd(entry), ", ".join(_fmt(value) for value in entry["values"])]
+            "rows": [[label, mean_sd_text(entry), ", ".join(figure_text(value) for value in entry["values"])]
                      for label, entry in summary.items()]}
 
 
@@ -186,8 +188,8 @@ def print_table(summary: dict, seeds: list[int]) -> None:
     width = max(40, *(len(label) + 2 for label in summary))
     print(f"\n{'figure':<{width}}{'mean':>7}{'sd':>7}  per seed ({', '.join(map(str, seeds))})")
     for label, entry in summary.items():
-        print(f"{label:<{width}}{_fmt(entry['mean']):>7}{_fmt(entry['sd']):>7}  "
-              f"{', '.join(_fmt(value) for value in entry['values'])}")
+        print(f"{label:<{width}}{figure_text(entry['mean']):>7}{figure_text(entry['sd']):>7}  "
+              f"{', '.join(figure_text(value) for value in entry['values'])}")
 
 
 def main() -> None:
@@ -236,8 +238,8 @@ def main() -> None:
             if target == "external":
                 per_seed[-1].update(external_figures(json.loads((repo / "metrics/external.json").read_text())))
             worst_names.append(_lookup(metrics["eval"], "robustness.worst"))
-            print(f"seed {seed}: test AUC {_fmt(per_seed[-1]['test AUC'])}, worst robustness AUC "
-                  f"{_fmt(per_seed[-1]['robustness worst AUC'])} ({worst_names[-1]}), "
+            print(f"seed {seed}: test AUC {figure_text(per_seed[-1]['test AUC'])}, worst robustness AUC "
+                  f"{figure_text(per_seed[-1]['robustness worst AUC'])} ({worst_names[-1]}), "
                   f"{time.perf_counter() - started:.0f} s", flush=True)
     finally:
         if args.keep is None:

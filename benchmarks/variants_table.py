@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 
 from benchmarks.results import RESULTS_DIR, provenance
+from benchmarks.seeds import figure_text, mean_sd_text
 from chestct.atomic_io import write_json
 
 # (row title, benchmarks.seeds summary label, goal) in the order the table shows them.
@@ -50,17 +51,12 @@ class VariantSourceError(ValueError):
     """A --column whose results file, summary or column is not there."""
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
 def summary_cell(entry: dict | None) -> str:
     """'mean ± sd (v1, v2, v3)' of one benchmarks.seeds summary entry; 'n/a' where the figure was not measured."""
     if not entry or entry.get("mean") is None:
         return "n/a"
-    text = _fmt(entry["mean"]) + (f" ± {_fmt(entry['sd'])}" if entry.get("sd") is not None else "")
     values = entry.get("values") or []
-    return text + (f" ({', '.join(_fmt(value) for value in values)})" if len(values) > 1 else "")
+    return mean_sd_text(entry) + (f" ({', '.join(figure_text(value) for value in values)})" if len(values) > 1 else "")
 
 
 def _load(name: str, directory: Path) -> dict:
