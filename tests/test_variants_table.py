@@ -16,11 +16,6 @@ def _seed_run(directory, name, auc_values, luna_values):
     write_result(name, {"tables": {}, "summary": summary}, command=["--seeds", "3"], directory=directory)
 
 
-def _row(rows, title):
-    (row,) = [row for row in rows if row[0] == title]
-    return row
-
-
 def test_a_column_from_a_seed_summary_gives_mean_sd_and_every_seed(tmp_path):
     _seed_run(tmp_path, "procedural", [0.9, 0.95, 1.0], [0.5, None, 0.7])
     cells = dict(zip([title for title, _, _ in PANEL_ROWS], column_cells("procedural", tmp_path), strict=True))
