@@ -94,16 +94,14 @@ def methods_table(runs: dict, bins: int) -> dict:
     def cell(figures: dict) -> str:
         return f"{figures['ece']:.3f} / {figures['brier']:.3f}"
 
-    def why(figures: dict) -> list[str]:  # older runs (--out files of earlier versions) lack these
-        if "reachable" not in figures:
-            return ["", ""]
+    def why(figures: dict) -> list[str]:
         return [f"{figures['reachable']['ece']:.3f}", f"{figures['unseen']['cancers']} of {figures['unseen']['of']}"]
 
     rows = [[label, *(cell(figures[method]) for method in methods), *why(figures)] for label, figures in runs.items()]
-    mean_reachable = [run["reachable"]["ece"] for run in runs.values() if "reachable" in run]
+    mean_reachable = np.mean([run["reachable"]["ece"] for run in runs.values()])
     rows.append([f"mean of the {len(runs)}", *(cell({key: float(np.mean([run[method][key] for run in runs.values()]))
                                                      for key in ("ece", "brier")}) for method in methods),
-                 f"{np.mean(mean_reachable):.3f}" if mean_reachable else "", ""])
+                 f"{mean_reachable:.3f}", ""])
     return {"title": f"Test ECE ({bins} equal-mass bins) / Brier per calibration method, the ECE an increasing map "
                      "could reach, and the test Cancers scored below every validation Cancer",
             "columns": ["model", "uncalibrated", *METHODS, "reachable (fitted on test)",

@@ -190,7 +190,8 @@ def test_the_methods_benchmark_tables_why_a_method_misses():
 
     figures = {method: {"ece": 0.1, "brier": 0.2} for method in ("none", "temperature", "platt", "isotonic")}
     table = methods_table({"seed 44": figures | {"reachable": {"ece": 0.029}, "unseen": {"cancers": 15, "of": 261}},
-                           "an older run": figures}, bins=10)
+                           "seed 43": figures | {"reachable": {"ece": 0.041}, "unseen": {"cancers": 5, "of": 258}}},
+                          bins=10)
     assert table["columns"][-2:] == ["reachable (fitted on test)", "test Cancers below every validation Cancer"]
-    assert table["rows"][0][-2:] == ["0.029", "15 of 261"] and table["rows"][1][-2:] == ["", ""]
-    assert table["rows"][-1][0] == "mean of the 2" and table["rows"][-1][-2] == "0.029"
+    assert table["rows"][0][-2:] == ["0.029", "15 of 261"] and table["rows"][1][-2:] == ["0.041", "5 of 258"]
+    assert table["rows"][-1][0] == "mean of the 2" and table["rows"][-1][-2] == "0.035"
