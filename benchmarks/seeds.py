@@ -37,6 +37,8 @@ FIGURES = [
     ("test AUC", "eval", "test.auc"),
     ("test sensitivity", "eval", "test.sensitivity"),
     ("test specificity", "eval", "test.specificity"),
+    ("test AUC: CI lower end, images resampled", "eval", "test.auc_ci.0"),
+    ("test AUC: CI lower end, distinct slices resampled", "eval", "test.auc_ci_by_slice.0"),
     ("leak-free test AUC", "eval", "test_leak_free.auc"),
     ("distinct Normal slices, validation", "eval", "valid.normal_slices"),
     ("distinct Normal slices, test", "eval", "test.normal_slices"),

@@ -21,6 +21,7 @@ from chestct.evaluation.robustness import build_perturbations, raw_reference, ro
 from chestct.evaluation.sampling import audit_rows
 from chestct.evaluation.scoring import (
     FEW_DISTINCT_NORMALS,
+    auc_interval_by_slice,
     distinct_slices,
     gradcam_selection,
     leak_free_mask,
@@ -174,8 +175,10 @@ def main() -> None:
     metrics = {
         "threshold": choice,
         "calibration": calibration_metrics,
-        "test": split_metrics(test, test_scores, threshold, settings, seed) | distinct_slices(test, manifest),
-        "valid": split_metrics(valid, valid_scores, threshold, settings, seed) | distinct_slices(valid, manifest),
+        "test": split_metrics(test, test_scores, threshold, settings, seed) | distinct_slices(test, manifest)
+        | auc_interval_by_slice(test, test_scores, manifest, settings, seed),
+        "valid": split_metrics(valid, valid_scores, threshold, settings, seed) | distinct_slices(valid, manifest)
+        | auc_interval_by_slice(valid, valid_scores, manifest, settings, seed),
         "test_leak_free": split_metrics(test, test_scores, threshold, settings, seed, members=leak_free),
         "domain": _domain(model, train, {"test": (test, test_scores), "valid": (valid, valid_scores)}, threshold,
                           params),
@@ -225,7 +228,7 @@ def _print_summary(metrics: dict, choice: dict) -> None:
               "(near-duplicate groups): the threshold rests on too few to transfer, so read test specificity with "
               f"that in mind{advice}")
     print(f"  test      n={t['n']} ({t['n_normal']} normal, {t['normal_slices']} distinct): "
-          f"AUC {t['auc']:.3f} {t['auc_ci']}, "
+          f"AUC {t['auc']:.3f} {t['auc_ci']} (distinct slices resampled: {t['auc_ci_by_slice']}), "
           f"sensitivity {t['sensitivity']:.3f}, specificity {t['specificity']:.3f}")
     print(f"  leak-free n={lf['n']} ({lf['n_normal']} normal): sensitivity {lf['sensitivity']:.3f}, "
           f"specificity {lf['specificity']}")

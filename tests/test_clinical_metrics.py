@@ -10,7 +10,14 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from chestct.errors import ChestctError
-from chestct.evaluation.metrics import binary_metrics, bootstrap_auc, diagnostic_odds_ratio, roc_band, wilson_interval
+from chestct.evaluation.metrics import (
+    auc_interval_by_group,
+    binary_metrics,
+    bootstrap_auc,
+    diagnostic_odds_ratio,
+    roc_band,
+    wilson_interval,
+)
 
 Z95 = 1.959963984540054
 
@@ -131,6 +138,33 @@ def test_bootstrap_is_seeded_stratified_and_contains_the_estimate():
     for i in range(20):
         expected = roc_auc_score(np.r_[np.ones(40), np.zeros(30)], np.r_[pos[pos_idx[i]], neg[neg_idx[i]]])
         assert aucs[i] == pytest.approx(expected)
+
+
+def test_the_auc_interval_by_group_counts_copies_of_a_slice_once():
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.zeros(12, int), np.ones(30, int)]
+    scores = np.round(np.clip(rng.normal(0.4 + 0.25 * labels, 0.2), 0, 1), 2)  # rounding makes ties
+    slices = np.arange(labels.size)
+    by_image = binary_metrics(labels, scores, 0.5, resamples=2000, seed=4)["auc_ci"]
+    one_per_group = auc_interval_by_group(labels, scores, slices, 0.95, 2000, 4)
+    # With one image per group it is the stratified interval, up to the resampling's own noise.
+    assert one_per_group == pytest.approx(by_image, abs=0.03)
+    assert one_per_group[0] < roc_auc_score(labels, scores) < one_per_group[1]
+
+    # Every Normal stored five times: resampling images reads 60 Normals and narrows the interval; resampling
+    # groups reads the 12 slices they are and gives the interval of the data without copies.
+    copies = np.r_[np.repeat(np.arange(12), 5), np.arange(12, 42)]
+    copied_labels, copied_scores = labels[copies], scores[copies]
+    narrow = binary_metrics(copied_labels, copied_scores, 0.5, resamples=2000, seed=4)["auc_ci"]
+    grouped = auc_interval_by_group(copied_labels, copied_scores, slices[copies], 0.95, 2000, 4)
+    assert grouped == pytest.approx(one_per_group)
+    assert grouped[1] - grouped[0] > 1.3 * (narrow[1] - narrow[0])
+
+    # Ties count one half: a Normal and a Cancer of equal score in every resample give an AUC of one half.
+    assert auc_interval_by_group([0, 1], [0.5, 0.5], [7, 8], 0.95, 50, 0) == [0.5, 0.5]
+    assert auc_interval_by_group([1, 1], [0.2, 0.9], [0, 1], 0.95, 50, 0) is None  # one class: no interval
+    with pytest.raises(ChestctError, match="pair up"):
+        auc_interval_by_group([0, 1], [0.2, 0.9], [0], 0.95, 50, 0)
 
 
 def test_sensitivity_by_subtype():

@@ -122,6 +122,9 @@ def test_evaluate_writes_metrics_threshold_and_plots(evaluated_repo):
                     "n_normal"):
             assert key in metrics[section], (section, key)
     assert metrics["test_leak_free"]["n"] < metrics["test"]["n"]  # the planted copies are left out
+    for section in ("test", "valid"):  # the AUC's interval with copies of one slice resampled together
+        low, high = metrics[section]["auc_ci_by_slice"]
+        assert 0.0 <= low <= high <= 1.0
     assert set(metrics["shortcut"]) >= {"intensity_std_auc", "histogram_auc", "geometry_auc",
                                         "hist_matched_model_auc", "input_intensity_std_auc", "input_histogram_auc",
                                         "input_border_auc", "input_geometry_auc", "input_noise_auc",

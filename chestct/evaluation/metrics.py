@@ -5,6 +5,8 @@ Test splits are small, so a point estimate alone overstates what is known: every
 - AUC: stratified bootstrap (positives and negatives resampled separately, with replacement), percentile
   interval. Stratifying keeps each resample's class counts equal to the data's, so no resample is single-class
   and the interval is not widened by class-count noise that the fixed test split does not have.
+  With near-duplicate groups (`auc_interval_by_group`), whole groups are resampled instead, Normal groups and
+  Cancer groups separately: copies of one slice are one piece of evidence, and the interval says so.
 - Sensitivity / specificity: Wilson score interval, which stays inside [0, 1] and behaves at 0% and 100%.
 - Diagnostic odds ratio: Woolf's log interval; when a confusion cell is zero the Haldane-Anscombe correction
   (add 0.5 to every cell) keeps the ratio and its interval finite.
@@ -100,6 +102,44 @@ def auc_with_interval(labels: np.ndarray, scores: np.ndarray, level: float, resa
         return None, None
     low, high = percentile_interval(bootstrap_auc(labels, scores, resamples, seed), level)
     return float(roc_auc_score(labels, scores)), [float(low), float(high)]
+
+
+def auc_interval_by_group(labels, scores, groups, level: float, resamples: int, seed: int) -> list[float] | None:
+    """The AUC's bootstrap percentile interval with whole groups resampled (a group: one slice and its
+    near-duplicates), the groups of each class separately so that every resample holds both classes; None when
+    one class is missing. A resample's images weigh as often as their group was drawn; the AUC is the weighted
+    Mann-Whitney statistic (ties count one half), so with one image per group it is the stratified interval."""
+    y, s = as_labels_and_scores(labels, scores, "grouped bootstrap AUC")
+    _check_level(level)
+    _check_resamples(resamples)
+    if len(np.unique(y)) < 2:
+        return None
+    # A unit is a (class, group) pair: a group that straddles the classes is one unit in each.
+    groups = np.asarray(groups).astype(str)
+    if groups.shape != y.shape:
+        raise ChestctError(f"{groups.size} groups but {y.size} labels; they must pair up one to one")
+    keys = np.char.add(np.char.add(y.astype(str), "|"), groups)
+    units, unit_of_image = np.unique(keys, return_inverse=True)
+    unit_class = np.array([int(unit.split("|", 1)[0]) for unit in units])
+    distinct, score_bin = np.unique(s, return_inverse=True)  # equal scores share a bin: ties
+    image_bins = np.zeros((y.size, distinct.size))
+    image_bins[np.arange(y.size), score_bin.ravel()] = 1.0
+    rng = np.random.default_rng(seed)
+    aucs = []
+    for count in _chunks(int(resamples), y.size + distinct.size):
+        weights = np.zeros((count, unit_class.size))
+        for cls in (0, 1):
+            members = np.flatnonzero(unit_class == cls)
+            draws = members[rng.integers(0, members.size, size=(count, members.size))]
+            np.add.at(weights, (np.arange(count)[:, None], draws), 1.0)
+        image_weights = weights[:, unit_of_image]
+        positive = (image_weights * (y == 1)) @ image_bins  # (count, bins): drawn Cancer weight at each score
+        negative = (image_weights * (y == 0)) @ image_bins
+        below = np.cumsum(negative, axis=1) - negative  # Normal weight strictly below each score
+        wins = np.sum(positive * (below + 0.5 * negative), axis=1)
+        aucs.append(wins / (positive.sum(axis=1) * negative.sum(axis=1)))
+    low, high = percentile_interval(np.concatenate(aucs), level)
+    return [float(low), float(high)]
 
 
 def diagnostic_odds_ratio(tp: int, fp: int, fn: int, tn: int, level: float) -> dict:

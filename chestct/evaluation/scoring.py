@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from chestct.decision import decide
-from chestct.evaluation.metrics import binary_metrics, roc_band
+from chestct.evaluation.metrics import auc_interval_by_group, binary_metrics, roc_band
 from chestct.imaging.processed import SplitArrays
 from chestct.params import EvaluateParams
 
@@ -62,6 +62,14 @@ def distinct_slices(arrays: SplitArrays, manifest: pd.DataFrame) -> dict[str, in
     groups = near_groups(arrays, manifest)
     return {"normal_slices": int(np.unique(groups[arrays.labels == 0]).size),
             "cancer_slices": int(np.unique(groups[arrays.labels == 1]).size)}
+
+
+def auc_interval_by_slice(arrays: SplitArrays, scores: np.ndarray, manifest: pd.DataFrame, params: EvaluateParams,
+                          seed: int) -> dict:
+    """{"auc_ci_by_slice": the AUC's interval with whole near-duplicate groups resampled}: the image-level
+    interval counts each copy of a slice as new evidence, so on a split full of copies it is too narrow."""
+    return {"auc_ci_by_slice": auc_interval_by_group(arrays.labels, scores, near_groups(arrays, manifest),
+                                                     params.confidence_level, params.bootstrap_resamples, seed)}
 
 
 def roc_band_for(labels: np.ndarray, scores: np.ndarray, params: EvaluateParams, seed: int) -> dict:
