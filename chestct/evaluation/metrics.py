@@ -114,10 +114,10 @@ def auc_interval_by_group(labels, scores, groups, level: float, resamples: int, 
     _check_resamples(resamples)
     if len(np.unique(y)) < 2:
         return None
-    # A unit is a (class, group) pair: a group that straddles the classes is one unit in each.
     groups = np.asarray(groups).astype(str)
     if groups.shape != y.shape:
         raise ChestctError(f"{groups.size} groups but {y.size} labels; they must pair up one to one")
+    # A unit is a (class, group) pair: a group that straddles the classes is one unit in each.
     keys = np.char.add(np.char.add(y.astype(str), "|"), groups)
     units, unit_of_image = np.unique(keys, return_inverse=True)
     unit_class = np.array([int(unit.split("|", 1)[0]) for unit in units])
