@@ -201,6 +201,9 @@ def main() -> None:
 
     curves = {"test": (test.labels, test_scores), "valid": (valid.labels, valid_scores)}
     plots.write_plot_data(PLOTS, curves, threshold)
+    for name, (arrays, scores) in {"test": (test, test_scores), "valid": (valid, valid_scores)}.items():
+        plots.write_image_scores(PLOTS / f"scores_{name}.csv", arrays.ids, arrays.labels, scores,
+                                 near_groups(arrays, manifest), threshold, calibration)
     plots.roc_png(PLOTS / "roc.png", roc_band_for(test.labels, test_scores, settings, seed), curves, metrics,
                   threshold)
     plots.score_histogram_png(PLOTS / "scores.png", test.labels, test_scores, threshold)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -125,6 +126,14 @@ def test_evaluate_writes_metrics_threshold_and_plots(evaluated_repo):
     for section in ("test", "valid"):  # the AUC's interval with copies of one slice resampled together
         low, high = metrics[section]["auc_ci_by_slice"]
         assert 0.0 <= low <= high <= 1.0
+        # Every image's score and decision, one row each, agreeing with the counts.
+        scores = pd.read_csv(repo / f"plots/eval/scores_{section}.csv")
+        assert list(scores.columns) == ["id", "label", "near_group", "score", "probability_calibrated", "decision"]
+        assert len(scores) == metrics[section]["n"] and scores["id"].is_unique
+        called = scores["decision"] == "Cancer"
+        assert (called & (scores["label"] == "Cancer")).sum() == metrics[section]["tp"]
+        assert (called & (scores["label"] == "Normal")).sum() == metrics[section]["fp"]
+        assert scores["score"].between(0, 1).all() and scores["probability_calibrated"].between(0, 1).all()
     assert set(metrics["shortcut"]) >= {"intensity_std_auc", "histogram_auc", "geometry_auc",
                                         "hist_matched_model_auc", "input_intensity_std_auc", "input_histogram_auc",
                                         "input_border_auc", "input_geometry_auc", "input_noise_auc",

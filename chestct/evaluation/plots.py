@@ -47,6 +47,15 @@ def write_plot_data(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarray
                             "predicted": [CLASS_NAMES[i] for i in decisions]}), folder / "confusion.csv")
 
 
+def write_image_scores(path: Path, ids: np.ndarray, labels: np.ndarray, scores: np.ndarray, groups: np.ndarray,
+                       threshold: float, calibration: CalibrationMap) -> None:
+    """One row per image of a split: its id, label, near-duplicate group, score, calibrated probability and
+    decision at the threshold, for reading the errors or comparing the scores with another set's afterwards."""
+    _save_csv(pd.DataFrame({"id": ids, "label": [CLASS_NAMES[i] for i in labels], "near_group": groups,
+                            "score": scores, "probability_calibrated": calibration.apply(scores),
+                            "decision": [CLASS_NAMES[i] for i in decide(scores, threshold)]}), path)
+
+
 def roc_png(path: Path, band: dict, curves: dict[str, tuple[np.ndarray, np.ndarray]], metrics: dict,
             threshold: float, primary: str = "test") -> None:
     """The `primary` set's ROC with its bootstrap band, other curves (validation), and the operating point
