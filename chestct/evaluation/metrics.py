@@ -117,22 +117,22 @@ def auc_interval_by_group(labels, scores, groups, level: float, resamples: int, 
     groups = np.asarray(groups).astype(str)
     if groups.shape != y.shape:
         raise ChestctError(f"{groups.size} groups but {y.size} labels; they must pair up one to one")
-    # A unit is a (class, group) pair: a group that straddles the classes is one unit in each.
-    keys = np.char.add(np.char.add(y.astype(str), "|"), groups)
-    units, unit_of_image = np.unique(keys, return_inverse=True)
-    unit_class = np.array([int(unit.split("|", 1)[0]) for unit in units])
+    # Each class's groups are numbered on their own: a group that straddles the classes is one unit in each.
+    members = [np.flatnonzero(y == cls) for cls in (0, 1)]
+    unit_of_member = [np.unique(groups[images], return_inverse=True)[1].ravel() for images in members]
     distinct, score_bin = np.unique(s, return_inverse=True)  # equal scores share a bin: ties
     image_bins = np.zeros((y.size, distinct.size))
     image_bins[np.arange(y.size), score_bin.ravel()] = 1.0
     rng = np.random.default_rng(seed)
     aucs = []
     for count in _chunks(int(resamples), y.size + distinct.size):
-        weights = np.zeros((count, unit_class.size))
-        for cls in (0, 1):
-            members = np.flatnonzero(unit_class == cls)
-            draws = members[rng.integers(0, members.size, size=(count, members.size))]
-            np.add.at(weights, (np.arange(count)[:, None], draws), 1.0)
-        image_weights = weights[:, unit_of_image]
+        image_weights = np.zeros((count, y.size))
+        for images, units in zip(members, unit_of_member, strict=True):
+            n_units = units.max() + 1
+            draws = rng.integers(0, n_units, size=(count, n_units))
+            drawn = np.zeros((count, n_units))
+            np.add.at(drawn, (np.arange(count)[:, None], draws), 1.0)
+            image_weights[:, images] = drawn[:, units]
         positive = (image_weights * (y == 1)) @ image_bins  # (count, bins): drawn Cancer weight at each score
         negative = (image_weights * (y == 0)) @ image_bins
         below = np.cumsum(negative, axis=1) - negative  # Normal weight strictly below each score
