@@ -170,6 +170,7 @@ def main() -> None:
     calibration, calibration_metrics = _calibration(fitting, test, test_scores, threshold, manifest, params)
     write_json(THRESHOLD, threshold_record(choice, params, calibration.model_dump(mode="json", exclude_none=True)))
 
+    splits = {"test": (test, test_scores), "valid": (valid, valid_scores)}
     leak_free = leak_free_mask(test, manifest)
     train_gray, test_gray = raw_grayscale(train.ids, RAW_DATA), raw_grayscale(test.ids, RAW_DATA)
     metrics = {
@@ -180,8 +181,7 @@ def main() -> None:
         "valid": split_metrics(valid, valid_scores, threshold, settings, seed) | distinct_slices(valid, manifest)
         | auc_interval_by_slice(valid, valid_scores, manifest, settings, seed),
         "test_leak_free": split_metrics(test, test_scores, threshold, settings, seed, members=leak_free),
-        "domain": _domain(model, train, {"test": (test, test_scores), "valid": (valid, valid_scores)}, threshold,
-                          params),
+        "domain": _domain(model, train, splits, threshold, params),
         "shortcut": shortcut_audit(model, train, test, test_scores, manifest, train_gray, test_gray, settings, batch)
         | input_shortcut_audit(train.images, train.labels, test.images, test.labels, settings.histogram_bins)
         | {"train_images": len(train), "train_images_total": len(whole_train)},
@@ -199,9 +199,9 @@ def main() -> None:
                                             params)
     write_json(METRICS, metrics)
 
-    curves = {"test": (test.labels, test_scores), "valid": (valid.labels, valid_scores)}
+    curves = {name: (arrays.labels, scores) for name, (arrays, scores) in splits.items()}
     plots.write_plot_data(PLOTS, curves, threshold)
-    for name, (arrays, scores) in {"test": (test, test_scores), "valid": (valid, valid_scores)}.items():
+    for name, (arrays, scores) in splits.items():
         plots.write_image_scores(PLOTS / f"scores_{name}.csv", arrays.ids, arrays.labels, scores,
                                  near_groups(arrays, manifest), threshold, calibration)
     plots.roc_png(PLOTS / "roc.png", roc_band_for(test.labels, test_scores, settings, seed), curves, metrics,
